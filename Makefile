@@ -1,0 +1,41 @@
+# Two entry points do all the set-up: `make run` (demo on an embedded broker) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help run test lint typecheck unit bench train clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,plots]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with dev extras
+
+run: $(STAMP)  ## the daemon on an embedded broker with sample ticks flowing
+	$(BIN)/pipeline run $(ARGS)
+
+lint: $(STAMP)  ## ruff lint + format check
+	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff format --check pipeline tests benchmarks
+
+typecheck: $(STAMP)  ## mypy on pipeline/
+	$(BIN)/mypy pipeline
+
+unit: $(STAMP)  ## pytest (unit + integration on a real broker)
+	$(BIN)/pytest -q $(ARGS)
+
+test: lint typecheck unit  ## everything CI runs
+
+bench: $(STAMP)  ## benchmarks with their baselines
+	$(BIN)/python -m benchmarks $(ARGS)
+
+train: $(STAMP)  ## retrain the shipped default model (command recorded in its metadata)
+	$(BIN)/pipeline train --preset default
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

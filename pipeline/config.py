@@ -1,0 +1,245 @@
+"""Typed settings (pydantic).
+
+Layers: defaults < YAML file < ``PIPELINE_<SECTION>__<FIELD>`` environment < CLI flags.
+
+One frozen :class:`Settings` object is built at start-up by :func:`load_settings` and passed down;
+no module reads the environment on its own. Validation errors become :class:`ConfigError` naming
+the dotted field and the ways to set it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from pipeline.errors import ConfigError
+
+ENV_PREFIX = "PIPELINE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    """Where ticks come from and forecasts go."""
+
+    # None: start the embedded Tansu broker and use it.
+    bootstrap_servers: str | None = None
+    input_topic: str = "ticks"
+    output_topic: str = "forecasts"
+    dlq_topic: str = "ticks.dlq"
+    group_id: str = "pipeline"
+    client_id: str = "pipeline"
+    # Topics missing at start-up are created with this many partitions (input, output, DLQ).
+    create_topics: bool = True
+    partitions: int = Field(default=6, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1)
+    # Consumer-group timing. Tansu holds a join for ~session_timeout/2: keep it small there.
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    # The broker long-polls at most this long; below ~100 ms Tansu's fetch loop degrades.
+    fetch_max_wait_ms: int = Field(default=100, ge=0)
+    # Upper bound of one micro-batch (= one poll = one commit).
+    max_poll_records: int = Field(default=5_000, ge=1)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    linger_ms: int = Field(default=5, ge=0)
+    compression_type: Literal["none", "gzip", "lz4"] = "none"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+
+class MetricsSettings(_Section):
+    """The Prometheus endpoint (``/metrics``); port 0 disables it."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=9108, ge=0, le=65_535)
+
+
+class ModelSettings(_Section):
+    """Which model serves, and how many CPU threads torch may use."""
+
+    # None: the default model shipped inside the package.
+    path: Path | None = None
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+class InputSettings(_Section):
+    """How input records are judged."""
+
+    # Larger values go to the dead-letter topic as `too_large` (the producer's own limit is 1 MiB).
+    max_record_bytes: int = Field(default=64 * 1024, ge=64)
+
+
+class SampleFeedSettings(_Section):
+    """Synthetic ticks produced into the input topic by ``pipeline run`` itself (demo mode)."""
+
+    # None: on exactly when the embedded broker is used.
+    enabled: bool | None = None
+    streams: int = Field(default=20, ge=1)
+    rate: float = Field(default=200.0, gt=0, description="ticks per second, all streams together")
+    seed: int = 0
+
+
+class Settings(_Section):
+    """Every setting of the daemon. Frozen: build a new one instead of mutating."""
+
+    kafka: KafkaSettings = KafkaSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    model: ModelSettings = ModelSettings()
+    input: InputSettings = InputSettings()
+    sample_feed: SampleFeedSettings = SampleFeedSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as plain data with secrets masked, for the start-up log line."""
+        data: dict[str, Any] = json.loads(self.model_dump_json())
+        return data
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the settings (exported in the info metric)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}:{where} is not valid YAML; fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return data
+
+
+def _read_env() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    sections = set(Settings.model_fields)
+    for name, value in os.environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in sections:
+            raise ConfigError(
+                f"environment variable {name}: unknown section {path[0]!r}; "
+                f"known sections: {', '.join(sorted(sections))}",
+                field=path[0],
+            )
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(value)
+    return out
+
+
+def _parse_env_value(value: str) -> Any:
+    # Env values are strings; pydantic coerces "6" to int, and JSON handles lists/mappings/null.
+    if value.strip().startswith(("{", "[")) or value in ("null", "true", "false"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    env = ENV_PREFIX + "__".join(str(p).upper() for p in error["loc"])
+    got = error.get("input")
+    msg = error["msg"]
+    if error["type"] == "extra_forbidden":
+        section = str(error["loc"][0])
+        known = _known_fields(error["loc"][:-1])
+        hint = f"known here: {', '.join(known)}" if known else f"check the spelling of {section!r}"
+        return f"unknown setting {loc!r} ({sources.get(loc, 'config')}); {hint}"
+    return (
+        f"setting {loc!r} = {got!r} ({sources.get(loc, 'config')}): {msg}; "
+        f"fix it in the YAML file, {env}, or the matching CLI flag"
+    )
+
+
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the settings: defaults < ``config_file`` < ``PIPELINE_*`` env < ``overrides``.
+
+    ``overrides`` is a nested dict of CLI values (``{"kafka": {"group_id": "x"}}``); ``None``
+    leaves are ignored so unset flags do not shadow lower layers.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file is not None:
+        layers.append((f"file {config_file}", _read_yaml(Path(config_file))))
+    layers.append(("environment", _read_env()))
+    layers.append(("command line", _drop_none(overrides or {})))
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, layer in layers:
+        merged = _deep_merge(merged, layer)
+        sources.update(dict.fromkeys(_flatten(layer), name))
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(_describe(dict(first), sources), field=loc) from exc
+
+
+def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            inner = _drop_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out

@@ -1,0 +1,75 @@
+"""Topic creation: the third and last module that imports kafka-python (with source and sink)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from pipeline.config import KafkaSettings
+from pipeline.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+def client_options(kafka: KafkaSettings) -> dict[str, object]:
+    """Connection options shared by consumers, producers and the admin client."""
+    opts: dict[str, object] = {
+        "bootstrap_servers": (kafka.bootstrap_servers or "").split(","),
+        "client_id": kafka.client_id,
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.sasl_mechanism:
+        opts["sasl_mechanism"] = kafka.sasl_mechanism
+        opts["sasl_plain_username"] = kafka.sasl_username
+        opts["sasl_plain_password"] = (
+            kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+        )
+    return opts
+
+
+def ensure_topics(
+    kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None
+) -> list[str]:
+    """Create those of ``topics`` that do not exist; returns the names created."""
+    try:
+        admin = KafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
+    except KafkaError as exc:
+        raise BrokerError(
+            f"cannot reach Kafka at {kafka.bootstrap_servers} ({exc}); check "
+            "--bootstrap-servers / kafka.bootstrap_servers"
+        ) from exc
+    try:
+        existing = set(admin.list_topics())
+        wanted = [t for t in dict.fromkeys(topics) if t not in existing]
+        new = [
+            NewTopic(t, partitions or kafka.partitions, kafka.replication_factor) for t in wanted
+        ]
+        created: list[str] = []
+        for topic in new:
+            try:
+                admin.create_topics([topic])
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        if created:
+            log.info(
+                "event=topics_created topics=%s partitions=%s", ",".join(created), kafka.partitions
+            )
+        return created
+    finally:
+        admin.close()
+
+
+def partitions_of(kafka: KafkaSettings, topic: str) -> int:
+    """Number of partitions of ``topic`` (0 if it does not exist)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(**client_options(kafka))
+    try:
+        return len(consumer.partitions_for_topic(topic) or ())
+    finally:
+        consumer.close()

@@ -1,0 +1,212 @@
+"""Wire contracts: input ticks, rejections (dead letters) and forecast records.
+
+Input record: key = stream id (UTF-8); value = JSON object with ``ts`` (epoch seconds as a number,
+epoch milliseconds as an integer above 10^11, or an ISO-8601 string) and either ``value`` (a number)
+or ``values`` (an object of named numbers). A ``stream`` field stands in for a missing key.
+
+:func:`decode` turns any bytes into a :class:`Tick` or a :class:`Rejection`; it never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+# Integers above this are epoch milliseconds (10^11 s is the year 5138).
+_MS_THRESHOLD = 10**11
+# Plausible event times: 1970 .. 2200, in seconds.
+_TS_MIN, _TS_MAX = 0.0, 7_258_118_400.0
+
+
+class Reason(StrEnum):
+    """Why an input record went to the dead-letter topic (the ``error`` header)."""
+
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_STREAM = "missing_stream"
+    MISSING_FIELD = "missing_field"
+    BAD_TYPE = "bad_type"
+    NON_FINITE = "non_finite"
+    BAD_TIMESTAMP = "bad_timestamp"
+    LATE = "late"
+    TOO_LARGE = "too_large"
+    UNKNOWN_FEATURE = "unknown_feature"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a record came from: topic, partition, offset and its Kafka timestamp (ms)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """One decoded observation. ``values`` follow the model's feature order; ``ts`` is epoch s."""
+
+    stream: str
+    ts: float
+    values: tuple[float, ...]
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An input record that cannot be forecast, with the original bytes kept for the DLQ."""
+
+    reason: Reason
+    detail: str
+    key: bytes | None
+    value: bytes | None
+    source: Source
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Dead-letter headers: reason code, detail and the source coordinates."""
+        return [
+            ("error", self.reason.value.encode()),
+            ("error.detail", self.detail.encode("utf-8", "replace")[:1000]),
+            ("source.topic", self.source.topic.encode()),
+            ("source.partition", str(self.source.partition).encode()),
+            ("source.offset", str(self.source.offset).encode()),
+        ]
+
+
+class _Reject(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+
+
+def _parse_ts(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise _Reject(Reason.BAD_TIMESTAMP, f"ts must be a number or ISO-8601 string, got {raw!r}")
+    if isinstance(raw, int):
+        ts = raw / 1000.0 if raw > _MS_THRESHOLD else float(raw)
+    elif isinstance(raw, float):
+        if not math.isfinite(raw):
+            raise _Reject(Reason.BAD_TIMESTAMP, f"ts is not finite: {raw!r}")
+        ts = raw / 1000.0 if raw > _MS_THRESHOLD else raw
+    elif isinstance(raw, str):
+        ts = _parse_iso(raw)
+    else:
+        raise _Reject(Reason.BAD_TIMESTAMP, f"ts must be a number or ISO-8601 string, got {raw!r}")
+    if not _TS_MIN <= ts <= _TS_MAX:
+        raise _Reject(Reason.BAD_TIMESTAMP, f"ts {raw!r} is outside 1970..2200")
+    return ts
+
+
+def _parse_iso(raw: str) -> float:
+    try:
+        parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise _Reject(Reason.BAD_TIMESTAMP, f"ts {raw[:80]!r} is not ISO-8601") from None
+    if parsed.tzinfo is None:  # naive times are UTC by contract
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _number(raw: Any, name: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise _Reject(Reason.BAD_TYPE, f"{name} must be a number, got {type(raw).__name__}")
+    value = float(raw)
+    if not math.isfinite(value):
+        raise _Reject(Reason.NON_FINITE, f"{name} is {raw!r}")
+    return value
+
+
+def _values(doc: dict[str, Any], features: Sequence[str]) -> tuple[float, ...]:
+    if "value" in doc:
+        if len(features) != 1:
+            raise _Reject(
+                Reason.MISSING_FIELD,
+                f"the model needs 'values' with {list(features)}, got a single 'value'",
+            )
+        return (_number(doc["value"], "value"),)
+    if "values" not in doc:
+        raise _Reject(Reason.MISSING_FIELD, "neither 'value' nor 'values' is present")
+    named = doc["values"]
+    if not isinstance(named, dict):
+        raise _Reject(Reason.BAD_TYPE, f"values must be an object, got {type(named).__name__}")
+    unknown = [k for k in named if k not in features]
+    if unknown:
+        raise _Reject(Reason.UNKNOWN_FEATURE, f"unknown feature(s) {unknown[:5]}; known {features}")
+    missing = [f for f in features if f not in named]
+    if missing:
+        raise _Reject(Reason.MISSING_FIELD, f"values lacks feature(s) {missing}")
+    return tuple(_number(named[f], f"values.{f}") for f in features)
+
+
+def _stream(key: bytes | None, doc: dict[str, Any]) -> str:
+    if key:
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Reject(Reason.MISSING_STREAM, "record key is not UTF-8") from None
+    stream = doc.get("stream")
+    if isinstance(stream, str) and stream:
+        return stream
+    raise _Reject(Reason.MISSING_STREAM, "no record key and no 'stream' field")
+
+
+def decode(
+    key: bytes | None,
+    value: bytes | None,
+    source: Source,
+    *,
+    features: Sequence[str] = ("value",),
+    max_bytes: int = 64 * 1024,
+) -> Tick | Rejection:
+    """Decode one input record. Never raises: anything unusable becomes a :class:`Rejection`."""
+    try:
+        if value is None:
+            raise _Reject(Reason.INVALID_JSON, "record value is empty (null)")
+        if len(value) > max_bytes:
+            raise _Reject(Reason.TOO_LARGE, f"{len(value)} bytes > limit {max_bytes}")
+        try:
+            doc = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            raise _Reject(Reason.INVALID_JSON, str(exc)[:200]) from None
+        if not isinstance(doc, dict):
+            raise _Reject(Reason.NOT_AN_OBJECT, f"top level is {type(doc).__name__}")
+        stream = _stream(key, doc)
+        if "ts" not in doc:
+            raise _Reject(Reason.MISSING_FIELD, "'ts' is missing")
+        ts = _parse_ts(doc["ts"])
+        return Tick(stream, ts, _values(doc, features), source)
+    except _Reject as rej:
+        return Rejection(rej.reason, rej.detail, key, value, source)
+
+
+def encode_tick(
+    ts: float, value: float | None = None, values: dict[str, float] | None = None
+) -> bytes:
+    """The JSON value of an input record (used by ``pipeline simulate`` and tests)."""
+    doc: dict[str, Any] = {"ts": ts}
+    if values is not None:
+        doc["values"] = values
+    else:
+        doc["value"] = value
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def encode_forecast(
+    stream: str, ts: float, seq: int, forecast: Sequence[float], model: str, warm: bool
+) -> bytes:
+    """The JSON value of a forecast record; ``forecast`` holds the next H values in stream units."""
+    doc = {
+        "stream": stream,
+        "ts": ts,
+        "seq": seq,
+        "forecast": [float(v) for v in forecast],
+        "model": model,
+        "warm": warm,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -1,0 +1,70 @@
+"""Prometheus metrics, declared once. Units in names; labels bounded (never a stream id)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+# Seconds. From a few ms (in-process) to a minute (a consumer far behind).
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.35,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+
+END_TO_END = Histogram(
+    "pipeline_end_to_end_latency_seconds",
+    "Input record timestamp to its forecast acknowledged by the broker.",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SECONDS = Histogram(
+    "pipeline_batch_processing_seconds",
+    "Wall time of one micro-batch: decode, engine, produce, flush, commit.",
+    buckets=STAGE_BUCKETS,
+)
+MODEL_SECONDS = Histogram(
+    "pipeline_model_step_seconds",
+    "Wall time of the batched model steps (normalizer + torch) of one micro-batch.",
+    buckets=STAGE_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "pipeline_batch_size", "Input records per micro-batch (one poll).", buckets=SIZE_BUCKETS
+)
+TICKS = Counter("pipeline_ticks_consumed_total", "Input records consumed.", ["topic"])
+FORECASTS = Counter("pipeline_forecasts_emitted_total", "Forecast records produced.", ["topic"])
+DEAD_LETTERS = Counter(
+    "pipeline_dead_letters_total", "Input records sent to the dead-letter topic.", ["reason"]
+)
+STATE_RESETS = Counter(
+    "pipeline_state_resets_total", "Streams whose state turned non-finite and was reset."
+)
+LAG = Gauge(
+    "pipeline_consumer_lag_records",
+    "High watermark minus the consumer position, per assigned input partition.",
+    ["topic", "partition"],
+)
+ACTIVE_STREAMS = Gauge("pipeline_active_streams", "Streams with state held by this instance.")
+STATE_BYTES = Gauge("pipeline_state_bytes", "Bytes of per-stream arrays (allocated capacity).")
+MODEL_INFO = Info("pipeline_model", "The serving model and the settings fingerprint.")
+
+
+def serve(host: str, port: int) -> None:
+    """Expose ``/metrics`` on ``host:port`` from a daemon thread (port 0: do nothing)."""
+    if port:
+        start_http_server(port, addr=host)

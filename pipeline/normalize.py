@@ -1,0 +1,188 @@
+"""Online per-stream normalization, shared by training, backtesting and serving.
+
+Each stream keeps, per feature, River's exponentially weighted statistics (the same update
+rules as ``river.stats.EWMean`` and ``river.stats.EWVar``; ``tests/test_normalize.py`` checks the
+numbers against River itself):
+
+- ``mean``/``var``: EW mean and variance of the level x (``fading_factor = level_alpha``);
+- ``dsq``: EW mean of the squared change (x_t - x_{t-1})^2 (``scale_alpha``), whose square root is
+  the stream's *scale*: the size of a typical one-step move;
+- ``dt_mean``: EW mean of the time between ticks (seconds).
+
+The statistics live in numpy arrays indexed by slot (one row per stream) and are updated for a
+whole wave of streams at once: per-stream River objects cost ~1 µs per tick each in a Python loop,
+which alone would use up the engine's budget (see docs/decisions.md).
+
+Model inputs per tick (float32, shape ``(N, 2F + 1)``): for each feature the level z-score
+``(x - mean) / std`` and the change ``(x - last) / scale``, then ``log(dt / dt_mean)``; all clipped
+to ``±clip``. Targets and forecasts are changes of the target feature from its last value, in units
+of ``scale * sqrt(h)`` for step h: ``forecast[h] = last + scale * sqrt(h) * y[h]``.
+Statistics include the current tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class NormalizerConfig:
+    """Settings of the online normalizer; stored in the model file (train/serve parity)."""
+
+    level_alpha: float = 0.01  # fading factor of the level mean/variance (~100-tick memory)
+    scale_alpha: float = 0.02  # fading factor of the squared one-step change (~50-tick memory)
+    dt_alpha: float = 0.05  # fading factor of the inter-tick time
+    clip: float = 10.0  # inputs are clipped to ±clip
+    warmup: int = 20  # forecasts are marked warm from this many ticks on
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizedStep:
+    """What one :meth:`Normalizer.step` returns for N ticks."""
+
+    inputs: F32  # (N, 2F + 1) model inputs
+    last: F64  # (N,) current value of the target feature, stream units
+    scale: F64  # (N,) typical one-step move of the target feature, stream units
+    count: I64  # (N,) ticks seen by the stream, including this one
+    warm: npt.NDArray[np.bool_]  # (N,) count >= warmup
+
+
+# Relative and absolute floors keep a constant stream from dividing by zero without
+# flattening streams that genuinely move by 1e-6 of their level.
+_REL_FLOOR = 1e-9
+_ABS_FLOOR = 1e-30
+
+
+class Normalizer:
+    """Per-slot normalizer state for ``n_features`` features; the owner maps streams to slots."""
+
+    # Per-slot arrays; the snapshot format lists them in this order.
+    FIELDS = ("mean", "var", "last", "dsq", "dt_mean", "last_ts", "count")
+
+    def __init__(self, config: NormalizerConfig, n_features: int, capacity: int = 1024) -> None:
+        self.config = config
+        self.n_features = n_features
+        self.mean: F64 = np.zeros((capacity, n_features))
+        self.var: F64 = np.zeros((capacity, n_features))
+        self.last: F64 = np.zeros((capacity, n_features))
+        self.dsq: F64 = np.zeros((capacity, n_features))
+        self.dt_mean: F64 = np.zeros(capacity)
+        self.last_ts: F64 = np.zeros(capacity)
+        self.count: I64 = np.zeros(capacity, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def n_inputs(self) -> int:
+        return 2 * self.n_features + 1
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge every array to ``capacity`` rows; new rows are fresh (count 0)."""
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        for name in self.FIELDS:
+            old = getattr(self, name)
+            pad = np.zeros((extra, *old.shape[1:]), dtype=old.dtype)
+            setattr(self, name, np.concatenate([old, pad]))
+
+    def reset(self, slots: I64) -> None:
+        """Forget the statistics of ``slots`` (a new stream, or one being evicted)."""
+        for name in self.FIELDS:
+            getattr(self, name)[slots] = 0
+
+    def step(self, slots: I64, x: F64, ts: F64, target: int = 0) -> NormalizedStep:
+        """Update the statistics of ``slots`` with one tick each and return model inputs.
+
+        ``slots`` (N,) must be distinct; ``x`` is (N, F) in stream units; ``ts`` (N,) epoch seconds.
+        """
+        cfg = self.config
+        n = self.count[slots] + 1  # (N,)
+        first = (n == 1)[:, None]  # (N, 1)
+
+        # Level: River EWMean/EWVar (first tick sets mean = x, var = 0).
+        mean = self.mean[slots]
+        diff = x - mean
+        new_mean = np.where(first, x, mean + cfg.level_alpha * diff)
+        new_var = np.where(
+            first, 0.0, (1 - cfg.level_alpha) * (self.var[slots] + cfg.level_alpha * diff * diff)
+        )
+
+        # Scale: River EWMean of the squared change, from the second tick on.
+        change = np.where(first, 0.0, x - self.last[slots])
+        sq = change * change
+        second = (n == 2)[:, None]
+        dsq = np.where(second, sq, self.dsq[slots] + cfg.scale_alpha * (sq - self.dsq[slots]))
+        dsq = np.where(first, 0.0, dsq)
+
+        # Inter-tick time (seconds), River EWMean from the second tick on; late ticks count as 0.
+        dt = np.where(n == 1, 0.0, np.maximum(ts - self.last_ts[slots], 0.0))
+        dt_mean = np.where(
+            n == 2, dt, self.dt_mean[slots] + cfg.dt_alpha * (dt - self.dt_mean[slots])
+        )
+        dt_mean = np.where(n == 1, 0.0, dt_mean)
+
+        self.mean[slots], self.var[slots], self.last[slots] = new_mean, new_var, x
+        self.dsq[slots], self.dt_mean[slots], self.count[slots] = dsq, dt_mean, n
+        self.last_ts[slots] = np.where(n == 1, ts, np.maximum(ts, self.last_ts[slots]))
+
+        floor = _ABS_FLOOR + _REL_FLOOR * np.abs(new_mean)
+        std = np.sqrt(new_var / _debias(cfg.level_alpha, n)[:, None]) + floor
+        scale = np.sqrt(dsq) + floor
+        clip = cfg.clip
+        inputs = np.empty((len(slots), self.n_inputs), dtype=np.float32)
+        inputs[:, 0 : 2 * self.n_features : 2] = np.clip((x - new_mean) / std, -clip, clip)
+        inputs[:, 1 : 2 * self.n_features : 2] = np.clip(change / scale, -clip, clip)
+        ratio = np.where(n <= 2, 1.0, (dt + 1e-9) / (self.dt_mean[slots] + 1e-9))
+        inputs[:, -1] = np.clip(np.log(ratio), -clip, clip)
+        return NormalizedStep(
+            inputs=inputs,
+            last=x[:, target].copy(),
+            scale=scale[:, target],
+            count=n,
+            warm=n >= cfg.warmup,
+        )
+
+    def snapshot(self, slot: int) -> list[float]:
+        """One stream's statistics as a flat list of floats (see :meth:`restore`)."""
+        out: list[float] = []
+        for name in self.FIELDS:
+            out.extend(np.atleast_1d(getattr(self, name)[slot]).astype(np.float64).tolist())
+        return out
+
+    def restore(self, slot: int, flat: list[float]) -> None:
+        """Put back what :meth:`snapshot` returned; raises ValueError on a length mismatch."""
+        expected = 4 * self.n_features + 3  # mean, var, last, dsq per feature; dt, ts, count
+        if len(flat) != expected:
+            raise ValueError(f"normalizer snapshot has {len(flat)} numbers, expected {expected}")
+        pos = 0
+        for name in self.FIELDS:
+            arr = getattr(self, name)
+            width = self.n_features if arr.ndim == 2 else 1
+            chunk = flat[pos : pos + width]
+            arr[slot] = chunk if arr.ndim == 2 else chunk[0]
+            pos += width
+
+
+def horizon_scale(horizon: int) -> F64:
+    """(H,) sqrt(h) for h = 1..H: a forecast h steps ahead is expressed in units of
+    ``scale * sqrt(h)`` so every horizon step has targets of similar size (random-walk growth)."""
+    return np.sqrt(np.arange(1, horizon + 1, dtype=np.float64))
+
+
+def _debias(alpha: float, n: I64) -> F64:
+    """Correction for an EW variance that started at 0: 1 - (1 - alpha)^(n - 1), at least alpha."""
+    return np.maximum(1.0 - (1.0 - alpha) ** np.maximum(n - 1, 1), alpha)

@@ -1,0 +1,119 @@
+"""Reading ticks: a kafka-python consumer-group member that hands out decoded records.
+
+Each :meth:`Source.poll` returns one micro-batch: every record decoded at once into a
+:class:`~pipeline.messages.Tick` or a :class:`~pipeline.messages.Rejection`, in offset order per
+partition, plus the offsets to commit once the batch's outputs are safely produced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.config import KafkaSettings
+from pipeline.kafka_admin import client_options
+from pipeline.messages import Rejection, Tick, decode
+from pipeline.messages import Source as RecordSource
+
+log = logging.getLogger(__name__)
+
+PartitionsCallback = Callable[[list[int]], None]
+
+
+@dataclass
+class Polled:
+    """One micro-batch: decoded records and the next offset to commit per partition."""
+
+    records: list[Tick | Rejection] = field(default_factory=list)
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_assigned: PartitionsCallback, on_revoked: PartitionsCallback) -> None:
+        self.on_assigned, self.on_revoked = on_assigned, on_revoked
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self.on_revoked(sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.on_assigned(sorted(tp.partition for tp in assigned))
+
+
+class Source:
+    """Consumer of the input topic; offsets are committed only by :meth:`commit`."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        features: Sequence[str],
+        max_record_bytes: int,
+        on_assigned: PartitionsCallback = lambda parts: None,
+        on_revoked: PartitionsCallback = lambda parts: None,
+    ) -> None:
+        self.topic = kafka.input_topic
+        self.features = tuple(features)
+        self.max_record_bytes = max_record_bytes
+        self.consumer = KafkaConsumer(
+            **client_options(kafka),
+            group_id=kafka.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=kafka.auto_offset_reset,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            max_poll_interval_ms=kafka.max_poll_interval_ms,
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            max_poll_records=kafka.max_poll_records,
+            isolation_level="read_committed",
+        )
+        self.consumer.subscribe([self.topic], listener=_Listener(on_assigned, on_revoked))
+
+    def poll(self, timeout_ms: int) -> Polled:
+        """Fetch up to ``max_poll_records`` records and decode them."""
+        batches = self.consumer.poll(timeout_ms=timeout_ms)
+        polled = Polled()
+        append, features, limit = polled.records.append, self.features, self.max_record_bytes
+        for tp, records in batches.items():
+            for rec in records:
+                src = RecordSource(tp.topic, tp.partition, rec.offset, rec.timestamp)
+                append(decode(rec.key, rec.value, src, features=features, max_bytes=limit))
+            if records:
+                polled.offsets[tp.partition] = records[-1].offset + 1
+        return polled
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit ``partition -> next offset`` synchronously."""
+        if offsets:
+            self.consumer.commit(
+                {
+                    TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                    for p, o in offsets.items()
+                }
+            )
+
+    def lag(self) -> dict[int, int]:
+        """Records behind the high watermark per assigned partition.
+
+        Uses ``highwater()`` (from fetch responses) rather than ``end_offsets()``, which Tansu
+        answers with the newest batch's base offset + 1.
+        """
+        out: dict[int, int] = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            out[tp.partition] = max(high - self.consumer.position(tp), 0)
+        return out
+
+    def assignment(self) -> list[int]:
+        return sorted(tp.partition for tp in self.consumer.assignment())
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 1.0
 PROGRESS_INTERVAL_S = 10.0
+FIRST_PROGRESS_S = 3.0  # the first progress line comes early so a new user sees forecasts
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.totals = Totals()
         self._next_lag = 0.0
-        self._next_progress = time.monotonic() + PROGRESS_INTERVAL_S
+        self._next_progress = time.monotonic() + FIRST_PROGRESS_S
         self.source: Source | None = None
         self.sink: Sink | None = None
 

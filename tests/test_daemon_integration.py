@@ -1,0 +1,179 @@
+"""The daemon end to end on a real broker (Tansu fixture or KAFKA_BOOTSTRAP_SERVERS)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.embedded import free_port
+from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000.0
+
+
+def _topics(bootstrap: str, partitions: int) -> tuple[str, str, str, str]:
+    names = unique("ticks"), unique("forecasts"), unique("dlq"), unique("group")
+    create_topics(bootstrap, names[:3], partitions)
+    return names
+
+
+def _daemon_args(bootstrap: str, names: tuple[str, str, str, str], port: int = 0) -> list[str]:
+    inp, out, dlq, group = names
+    return [
+        "--bootstrap-servers", bootstrap, "--input-topic", inp, "--output-topic", out,
+        "--dlq-topic", dlq, "--group-id", group, "--metrics-port", str(port), "--no-sample-feed",
+    ]  # fmt: skip
+
+
+def _tick(ts: float, value: float) -> bytes:
+    return json.dumps({"ts": ts, "value": value}).encode()
+
+
+def _scaled_streams(
+    n_streams: int, n_ticks: int
+) -> tuple[list[tuple[bytes, bytes]], dict[str, float]]:
+    """Interleaved ticks of streams near 1e-3 and near 1e5; returns records and each scale."""
+    rng = random.Random(7)
+    scales = {f"s{i:03d}": (1e-3 if i % 2 else 1e5) * rng.uniform(0.5, 2) for i in range(n_streams)}
+    records = []
+    for t in range(n_ticks):
+        for stream, scale in scales.items():
+            value = scale * (1 + 0.1 * math.sin(t / 5 + len(stream)) + 0.01 * rng.gauss(0, 1))
+            records.append((stream.encode(), _tick(T0 + 60 * t, value)))
+    return records, scales
+
+
+BAD_RECORDS: list[tuple[bytes | None, bytes | None, str]] = [
+    (b"s000", b"{not json", "invalid_json"),
+    (b"s001", b"[1, 2, 3]", "not_an_object"),
+    (None, json.dumps({"ts": T0, "value": 1.0}).encode(), "missing_stream"),
+    (b"s002", json.dumps({"value": 1.0}).encode(), "missing_field"),
+    (b"s003", json.dumps({"ts": T0, "value": "12.5"}).encode(), "bad_type"),
+    (b"s004", b'{"ts": 1700000000, "value": NaN}', "non_finite"),
+    (b"s005", json.dumps({"ts": "yesterday", "value": 1.0}).encode(), "bad_timestamp"),
+]
+
+
+def _metrics(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def test_every_tick_gets_one_forecast_and_bad_records_are_dead_lettered(
+    bootstrap: str, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    names = _topics(bootstrap, partitions=4)
+    inp, out, dlq, _ = names
+    good, scales = _scaled_streams(n_streams=60, n_ticks=30)
+    # Bad records sit among the good ones: the daemon must carry on past each of them.
+    records: list[tuple[bytes | None, bytes | None]] = list(good)
+    for i, (key, value, _) in enumerate(BAD_RECORDS):
+        records.insert(300 * (i + 1), (key, value))
+    produce(bootstrap, inp, records)
+
+    port = free_port()
+    daemon = start_daemon(_daemon_args(bootstrap, names, port))
+    forecasts = read_topic(bootstrap, out, len(good), timeout_s=90)
+    dead = read_topic(bootstrap, dlq, len(BAD_RECORDS), timeout_s=30)
+
+    # Exactly one forecast per good tick; per stream seq = 1..n in order; own units.
+    assert len(forecasts) == len(good)
+    by_stream: dict[str, list[dict]] = defaultdict(list)
+    for rec in forecasts:
+        doc = rec.json()
+        assert rec.key == doc["stream"].encode()
+        by_stream[doc["stream"]].append(doc)
+    assert set(by_stream) == set(scales)
+    for stream, docs in by_stream.items():
+        assert [d["seq"] for d in docs] == list(range(1, 31)), stream
+        assert [d["ts"] for d in docs] == [T0 + 60 * t for t in range(30)]
+        for d in docs:
+            assert len(d["forecast"]) >= 1 and d["model"]
+            ratio = d["forecast"][0] / scales[stream]
+            assert 0.3 < ratio < 3.0, (stream, d)  # 1e-3 streams stay ~1e-3, 1e5 ~1e5
+
+    # Every bad record is in the DLQ with its reason, source coordinates and original bytes.
+    assert len(dead) == len(BAD_RECORDS)
+    inputs = {(r.partition, r.offset): r for r in read_topic(bootstrap, inp, len(records))}
+    expected = {value: reason for _, value, reason in BAD_RECORDS}
+    for rec in dead:
+        assert rec.headers["error"].decode() == expected[rec.value]
+        assert rec.headers["error.detail"]
+        assert rec.headers["source.topic"].decode() == inp
+        source = inputs[(int(rec.headers["source.partition"]), int(rec.headers["source.offset"]))]
+        assert (source.key, source.value) == (rec.key, rec.value)
+
+    # /metrics parses; the end-to-end histogram counts every forecast.
+    m = _wait_metrics(port, len(good))
+    assert m["pipeline_end_to_end_latency_seconds_count{}"] == len(good)
+    assert m[f"pipeline_forecasts_emitted_total{{topic={out}}}"] == len(good)
+    assert m[f"pipeline_ticks_consumed_total{{topic={inp}}}"] == len(records)
+    for _, _, reason in BAD_RECORDS:
+        assert m[f"pipeline_dead_letters_total{{reason={reason}}}"] == 1
+    assert m["pipeline_active_streams{}"] == 60
+    assert any(k.startswith("pipeline_consumer_lag_records{") for k in m)
+    assert any(k.startswith("pipeline_model_info{") for k in m)
+    assert m["pipeline_batch_processing_seconds_count{}"] >= 1
+
+    assert daemon.stop() == 0
+    assert "event=stopped" in daemon.log()
+
+
+def _wait_metrics(port: int, forecasts: int, timeout_s: float = 15.0) -> dict[str, float]:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    m = _metrics(port)
+    while m.get("pipeline_end_to_end_latency_seconds_count{}", 0) < forecasts:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+        m = _metrics(port)
+    return m
+
+
+def test_forecasts_do_not_depend_on_interleaving(
+    bootstrap: str, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A stream alone on one partition vs interleaved with 100 others over 6 partitions."""
+    rng = random.Random(3)
+    solo = [
+        (b"solo", _tick(T0 + t, 50 + 5 * math.sin(t / 7) + rng.gauss(0, 1))) for t in range(200)
+    ]
+    alone = _topics(bootstrap, partitions=1)
+    mixed = _topics(bootstrap, partitions=6)
+    produce(bootstrap, alone[0], solo)
+    others = {f"o{i}".encode(): rng.uniform(1e-3, 1e4) for i in range(100)}
+    mixed_records: list[tuple[bytes | None, bytes | None]] = []
+    for t, rec in enumerate(solo):
+        for key, scale in rng.sample(sorted(others.items()), 20):
+            mixed_records.append((key, _tick(T0 + t, scale * rng.uniform(0.9, 1.1))))
+        mixed_records.append(rec)
+    produce(bootstrap, mixed[0], mixed_records)
+
+    # Small polls force the solo stream's ticks across many micro-batches of varying content.
+    start_daemon(_daemon_args(bootstrap, alone))
+    start_daemon(_daemon_args(bootstrap, mixed), env={"PIPELINE_KAFKA__MAX_POLL_RECORDS": "97"})
+    got_alone = read_topic(bootstrap, alone[1], len(solo), timeout_s=90)
+    got_mixed = read_topic(bootstrap, mixed[1], len(mixed_records), timeout_s=120)
+    a = [r.json() for r in got_alone]
+    b = [r.json() for r in got_mixed if r.key == b"solo"]
+    assert len(a) == len(b) == len(solo)
+    for x, y in zip(a, b, strict=True):
+        assert x["seq"] == y["seq"]
+        for u, v in zip(x["forecast"], y["forecast"], strict=True):
+            assert u == pytest.approx(v, rel=1e-5, abs=1e-5)

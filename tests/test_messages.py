@@ -1,0 +1,394 @@
+"""The decoder contract of :func:`pipeline.messages.decode` and the forecast record encoding."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.messages import (
+    Reason,
+    Rejection,
+    Source,
+    Tick,
+    decode,
+    encode_forecast,
+    encode_tick,
+)
+
+SRC = Source("ticks", 3, 12345, timestamp_ms=1_700_000_000_000)
+TS = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()  # 1704164645.0
+AB = ("a", "b")
+
+
+def doc(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def tick(value: bytes, key: bytes | None = b"s1", **kw: Any) -> Tick:
+    out = decode(key, value, SRC, **kw)
+    assert isinstance(out, Tick), out
+    return out
+
+
+def reject(value: bytes | None, key: bytes | None = b"s1", **kw: Any) -> Rejection:
+    out = decode(key, value, SRC, **kw)
+    assert isinstance(out, Rejection), out
+    # The original bytes and the source are kept for the dead-letter topic.
+    assert out.key is key
+    assert out.value is value
+    assert out.source == SRC
+    assert isinstance(out.reason, Reason)
+    assert out.detail
+    return out
+
+
+# ---------------------------------------------------------------- valid ticks
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        (1_700_000_000.25, 1_700_000_000.25),  # epoch seconds, float
+        (1_700_000_000, 1_700_000_000.0),  # epoch seconds, int
+        (0, 0.0),  # the epoch itself is valid
+        (1_700_000_000_123, 1_700_000_000.123),  # epoch milliseconds (int > 1e11)
+        (100_000_000_001, 100_000_000.001),  # just above the ms threshold
+        ("2024-01-02T03:04:05Z", TS),
+        ("2024-01-02T03:04:05.500Z", TS + 0.5),
+        ("2024-01-02T05:04:05+02:00", TS),  # offset east
+        ("2024-01-01T22:04:05-05:00", TS),  # offset west
+        ("2024-01-02T03:04:05", TS),  # naive ISO = UTC
+        (" 2024-01-02T03:04:05Z ", TS),  # surrounding whitespace
+    ],
+)
+def test_valid_timestamps(ts: float | int | str, expected: float) -> None:
+    out = tick(doc(ts=ts, value=1.5))
+    assert out.ts == pytest.approx(expected, abs=1e-6)
+    assert isinstance(out.ts, float)
+    assert out.values == (1.5,)
+    assert out.stream == "s1"
+    assert out.source == SRC
+
+
+def test_value_int_becomes_float() -> None:
+    out = tick(doc(ts=1_700_000_000, value=-3))
+    assert out.values == (-3.0,)
+    assert all(isinstance(v, float) for v in out.values)
+
+
+def test_values_with_features_follow_feature_order() -> None:
+    out = tick(doc(ts=1_700_000_000, values={"b": 2.5, "a": -1}), features=AB)
+    assert out.values == (-1.0, 2.5)
+
+
+def test_values_with_single_feature() -> None:
+    assert tick(doc(ts=1_700_000_000, values={"value": 7})).values == (7.0,)
+
+
+def test_key_is_stream_id_and_wins_over_stream_field() -> None:
+    out = tick(doc(ts=1_700_000_000, value=1, stream="from-field"), key="grüße/1".encode())
+    assert out.stream == "grüße/1"
+
+
+@pytest.mark.parametrize("key", [None, b""])
+def test_stream_field_stands_in_for_missing_key(key: bytes | None) -> None:
+    out = tick(doc(ts=1_700_000_000, value=1, stream="from-field"), key=key)
+    assert out.stream == "from-field"
+
+
+def test_encode_tick_decodes() -> None:
+    assert tick(encode_tick(1_700_000_000.5, 2.0)).values == (2.0,)
+    multi = tick(encode_tick(1_700_000_000.5, values={"a": 1.0, "b": 2.0}), features=AB)
+    assert multi.values == (1.0, 2.0)
+    assert multi.ts == 1_700_000_000.5
+
+
+# ---------------------------------------------------------------- rejections
+
+
+@pytest.mark.parametrize("value", [None, b"", b"{not json", b'{"ts": 1,', b"\xff\xfe\x00garbage"])
+def test_invalid_json(value: bytes | None) -> None:
+    assert reject(value).reason is Reason.INVALID_JSON
+
+
+def test_deeply_nested_json_is_invalid_json_not_recursion() -> None:
+    value = b"[" * 100_000 + b"]" * 100_000
+    out = reject(value, max_bytes=10**6)
+    assert out.reason in (Reason.INVALID_JSON, Reason.NOT_AN_OBJECT)
+
+
+@pytest.mark.parametrize("value", [b"[1, 2]", b"3", b'"text"', b"null", b"true"])
+def test_not_an_object(value: bytes) -> None:
+    assert reject(value).reason is Reason.NOT_AN_OBJECT
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (None, doc(ts=1_700_000_000, value=1)),
+        (b"", doc(ts=1_700_000_000, value=1)),
+        (None, doc(ts=1_700_000_000, value=1, stream="")),
+        (None, doc(ts=1_700_000_000, value=1, stream=123)),
+        (None, doc(ts=1_700_000_000, value=1, stream=None)),
+        (b"\xff\xfe", doc(ts=1_700_000_000, value=1)),  # key not UTF-8
+    ],
+)
+def test_missing_stream(key: bytes | None, value: bytes) -> None:
+    assert reject(value, key=key).reason is Reason.MISSING_STREAM
+
+
+@pytest.mark.parametrize(
+    ("value", "features"),
+    [
+        (doc(value=1), ("value",)),  # no ts
+        (doc(ts=1_700_000_000), ("value",)),  # neither value nor values
+        (doc(ts=1_700_000_000, value=1), AB),  # single value but two features
+        (doc(ts=1_700_000_000, values={"a": 1}), AB),  # a feature is missing
+        (doc(ts=1_700_000_000, values={}), ("value",)),
+    ],
+)
+def test_missing_field(value: bytes, features: tuple[str, ...]) -> None:
+    assert reject(value, features=features).reason is Reason.MISSING_FIELD
+
+
+@pytest.mark.parametrize(
+    ("value", "features"),
+    [
+        (doc(ts=1_700_000_000, value="1.5"), ("value",)),  # string number
+        (doc(ts=1_700_000_000, value="NaN"), ("value",)),
+        (doc(ts=1_700_000_000, value=True), ("value",)),  # bool is not a number
+        (doc(ts=1_700_000_000, value=False), ("value",)),
+        (doc(ts=1_700_000_000, value=None), ("value",)),
+        (doc(ts=1_700_000_000, value=[1.0]), ("value",)),
+        (doc(ts=1_700_000_000, value={"x": 1}), ("value",)),
+        (doc(ts=1_700_000_000, values=[1, 2]), AB),  # values must be an object
+        (doc(ts=1_700_000_000, values="1,2"), AB),
+        (doc(ts=1_700_000_000, values={"a": 1, "b": "2"}), AB),
+        (doc(ts=1_700_000_000, values={"a": True, "b": 2}), AB),
+    ],
+)
+def test_bad_type(value: bytes, features: tuple[str, ...]) -> None:
+    assert reject(value, features=features).reason is Reason.BAD_TYPE
+
+
+@pytest.mark.parametrize(
+    ("value", "features"),
+    [
+        (b'{"ts": 1700000000, "value": NaN}', ("value",)),
+        (b'{"ts": 1700000000, "value": Infinity}', ("value",)),
+        (b'{"ts": 1700000000, "value": -Infinity}', ("value",)),
+        (b'{"ts": 1700000000, "value": 1e999}', ("value",)),  # overflows to inf
+        (b'{"ts": 1700000000, "values": {"a": 1, "b": NaN}}', AB),
+    ],
+)
+def test_non_finite(value: bytes, features: tuple[str, ...]) -> None:
+    assert reject(value, features=features).reason is Reason.NON_FINITE
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        doc(ts=True, value=1),
+        doc(ts=None, value=1),
+        doc(ts=[1_700_000_000], value=1),
+        doc(ts={"s": 1}, value=1),
+        doc(ts="yesterday", value=1),
+        doc(ts="", value=1),
+        doc(ts="2024-13-01T00:00:00Z", value=1),
+        doc(ts=-1, value=1),  # before 1970
+        doc(ts="1969-12-31T23:59:59Z", value=1),
+        doc(ts=10**11, value=1),  # not above the ms threshold: seconds, year 5138
+        doc(ts=8e9, value=1),  # after 2200
+        doc(ts="2300-01-01T00:00:00Z", value=1),
+        b'{"ts": NaN, "value": 1}',
+        b'{"ts": Infinity, "value": 1}',
+        b'{"ts": -Infinity, "value": 1}',
+    ],
+)
+def test_bad_timestamp(value: bytes) -> None:
+    assert reject(value).reason is Reason.BAD_TIMESTAMP
+
+
+def test_too_large() -> None:
+    small = doc(ts=1_700_000_000, value=1)
+    assert isinstance(decode(b"s1", small, SRC, max_bytes=len(small)), Tick)  # limit inclusive
+    out = reject(small, max_bytes=len(small) - 1)
+    assert out.reason is Reason.TOO_LARGE
+    big = doc(ts=1_700_000_000, value=1, pad="x" * 70_000)
+    assert reject(big).reason is Reason.TOO_LARGE  # default limit is 64 KiB
+
+
+def test_too_large_is_checked_before_parsing() -> None:
+    assert reject(b"{" * 100, max_bytes=64).reason is Reason.TOO_LARGE
+
+
+def test_unknown_feature() -> None:
+    value = doc(ts=1_700_000_000, values={"a": 1, "b": 2, "c": 3})
+    out = reject(value, features=AB)
+    assert out.reason is Reason.UNKNOWN_FEATURE
+    assert "c" in out.detail
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b'{"ts": 1' + b"0" * 400 + b', "value": 1}', Reason.BAD_TIMESTAMP),
+        (b'{"ts": -1' + b"0" * 400 + b', "value": 1}', Reason.BAD_TIMESTAMP),
+        (b'{"ts": 1700000000, "value": 1' + b"0" * 400 + b"}", Reason.NON_FINITE),
+        (b'{"ts": 1700000000, "values": {"value": -1' + b"0" * 400 + b"}}", Reason.NON_FINITE),
+    ],
+)
+def test_huge_integers_are_rejected_not_raised(value: bytes, reason: Reason) -> None:
+    # JSON integers are unbounded; beyond ~1.8e308 they do not fit a float.
+    out = decode(b"s1", value, SRC)
+    assert isinstance(out, Rejection)
+    # A number too large for a float is either not finite or of a bad type; never a crash.
+    if reason is Reason.NON_FINITE:
+        assert out.reason in (Reason.NON_FINITE, Reason.BAD_TYPE)
+    else:
+        assert out.reason is reason
+
+
+def test_rejection_headers() -> None:
+    out = reject(doc(ts="nope", value=1))
+    headers = out.headers()
+    assert [name for name, _ in headers] == [
+        "error",
+        "error.detail",
+        "source.topic",
+        "source.partition",
+        "source.offset",
+    ]
+    assert all(isinstance(v, bytes) for _, v in headers)
+    h = dict(headers)
+    assert h["error"] == b"bad_timestamp"
+    assert h["error.detail"] == out.detail.encode()
+    assert h["source.topic"] == b"ticks"
+    assert h["source.partition"] == b"3"
+    assert h["source.offset"] == b"12345"
+
+
+def test_rejection_headers_detail_is_bounded_bytes() -> None:
+    rej = Rejection(Reason.BAD_TYPE, "é" * 5000 + "\ud800", b"k", b"v", SRC)
+    detail = dict(rej.headers())["error.detail"]
+    assert isinstance(detail, bytes)
+    assert len(detail) <= 1000
+
+
+# ---------------------------------------------------------------- property tests
+
+
+def _check(out: Tick | Rejection, key: bytes | None, value: bytes, n_features: int) -> None:
+    if isinstance(out, Tick):
+        assert isinstance(out.stream, str) and out.stream
+        assert isinstance(out.ts, float) and math.isfinite(out.ts)
+        assert 0.0 <= out.ts <= 7_258_118_400.0
+        assert len(out.values) == n_features
+        assert all(isinstance(v, float) and math.isfinite(v) for v in out.values)
+        assert out.source == SRC
+    else:
+        assert isinstance(out, Rejection)
+        assert isinstance(out.reason, Reason)
+        assert out.reason.value in {r.value for r in Reason}
+        assert out.key is key and out.value is value and out.source == SRC
+        assert all(isinstance(v, bytes) for _, v in out.headers())
+
+
+@settings(max_examples=5000, derandomize=True, database=None, deadline=None)
+@given(
+    key=st.one_of(st.none(), st.binary(max_size=16)),
+    value=st.binary(max_size=256),
+    features=st.sampled_from([("value",), AB]),
+)
+def test_arbitrary_bytes_never_raise(
+    key: bytes | None, value: bytes, features: tuple[str, ...]
+) -> None:
+    out = decode(key, value, SRC, features=features, max_bytes=200)
+    _check(out, key, value, len(features))
+
+
+_huge_ints = st.integers(min_value=-(10**400), max_value=10**400)
+_scalars = st.one_of(
+    st.integers(min_value=-(10**13), max_value=10**13),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=7.3e12),
+    _huge_ints,
+    st.booleans(),
+    st.none(),
+    st.text(max_size=12),
+    st.sampled_from(["1.5", "NaN", "Infinity", "1e999", "", "a", "value"]),
+    st.datetimes().map(lambda d: d.isoformat()),
+    st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+    st.datetimes().map(lambda d: d.isoformat() + "Z"),
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["a", "b", "c", "value", "ts", "x"]), inner, max_size=4),
+    ),
+    max_leaves=8,
+)
+_named = st.dictionaries(st.sampled_from(["a", "b", "c", "value"]), _json, max_size=4)
+_near_miss = st.fixed_dictionaries(
+    {},
+    optional={
+        "ts": _json,
+        "value": _json,
+        "values": st.one_of(_named, _json),
+        "stream": st.one_of(st.text(max_size=8), _json),
+        "extra": _json,
+    },
+)
+
+
+@settings(
+    max_examples=5000,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    key=st.one_of(st.none(), st.just(b""), st.just(b"s1"), st.binary(max_size=4)),
+    document=_near_miss,
+    features=st.sampled_from([("value",), AB]),
+)
+def test_near_miss_documents_never_raise(
+    key: bytes | None, document: dict[str, Any], features: tuple[str, ...]
+) -> None:
+    value = json.dumps(document).encode()  # NaN/Infinity floats become JSON tokens
+    out = decode(key, value, SRC, features=features)
+    _check(out, key, value, len(features))
+
+
+# ---------------------------------------------------------------- forecast records
+
+
+def test_encode_forecast_round_trips() -> None:
+    raw = encode_forecast("s/é", 1_700_000_000.5, 42, [1.0, 2, -3.5e-7], "forecaster-abc", True)
+    assert isinstance(raw, bytes)
+    out = json.loads(raw)
+    assert out == {
+        "stream": "s/é",
+        "ts": 1_700_000_000.5,
+        "seq": 42,
+        "forecast": [1.0, 2.0, -3.5e-7],
+        "model": "forecaster-abc",
+        "warm": True,
+    }
+    assert all(isinstance(v, float) for v in out["forecast"])
+
+
+def test_encode_forecast_accepts_numpy() -> None:
+    raw = encode_forecast("s", 1.0, 1, np.array([0.1, 0.2]), "m", False)
+    out = json.loads(raw)
+    assert out["forecast"] == [0.1, 0.2]
+    assert out["warm"] is False

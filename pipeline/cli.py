@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from pipeline.train import train_main
 
-            return train_main(args)
+            return train_main(args, list(argv) if argv is not None else sys.argv[1:])
     except PipelineError as exc:
         if debug:
             raise

@@ -78,6 +78,9 @@ class InputSettings(_Section):
 
     # Larger values go to the dead-letter topic as `too_large` (the producer's own limit is 1 MiB).
     max_record_bytes: int = Field(default=64 * 1024, ge=64)
+    # A tick older than its stream's newest tick: dead_letter (reason `late`), drop (counted in
+    # pipeline_records_total{outcome="dropped"}) or accept (forecast; its dt input counts as 0).
+    late_policy: Literal["dead_letter", "drop", "accept"] = "dead_letter"
 
 
 class SampleFeedSettings(_Section):

@@ -12,6 +12,8 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -19,7 +21,7 @@ from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.engine import Engine, ForecastBatch
 from pipeline.kafka_admin import ensure_topics
-from pipeline.messages import Rejection, Tick
+from pipeline.messages import Reason, Rejection, Tick
 from pipeline.model import LoadedModel
 from pipeline.sink import Sink
 from pipeline.source import Polled, Source
@@ -47,7 +49,7 @@ class Daemon:
 
     def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
         self.settings = settings
-        self.engine = Engine(loaded)
+        self.engine = Engine(loaded, late_policy=settings.input.late_policy)
         self.stop_event = threading.Event()
         self.totals = Totals()
         self._next_lag = 0.0
@@ -122,12 +124,18 @@ class Daemon:
         ticks = [r for r in polled.records if isinstance(r, Tick)]
         rejections = [r for r in polled.records if isinstance(r, Rejection)]
         batch = self.engine.process(ticks)
+        dropped: list[Tick] = []
+        if batch.late and self.settings.input.late_policy == "drop":
+            dropped = list(batch.late)
+        elif batch.late:
+            rejections += [_late_rejection(t) for t in batch.late]
         self.sink.send_forecasts(batch, self.engine.version)
         self.sink.send_dead_letters(rejections)
         self.sink.flush()
         produced_at = time.time()
         self.source.commit(polled.offsets)
         self._observe(polled, batch, rejections, produced_at, time.perf_counter() - started)
+        self._reconcile(batch.ticks, rejections, dropped)
 
     def _observe(
         self,
@@ -166,6 +174,19 @@ class Daemon:
                 "next": [float(f"{v:.6g}") for v in batch.forecast[i, :3].tolist()],
                 "warm": bool(batch.warm[i]),
             }
+
+    def _reconcile(
+        self, forecast: Sequence[Tick], dead: Sequence[Rejection], dropped: Sequence[Tick]
+    ) -> None:
+        """Count every input record's outcome per partition (invariant 4: nothing lost)."""
+        topic = self.settings.kafka.input_topic
+        for outcome, sources in (
+            ("forecast", (t.source.partition for t in forecast)),
+            ("dead_letter", (r.source.partition for r in dead)),
+            ("dropped", (t.source.partition for t in dropped)),
+        ):
+            for partition, n in Counter(sources).items():
+                metrics.RECORDS.labels(topic, str(partition), outcome).inc(n)
 
     def _update_lag(self) -> None:
         assert self.source is not None
@@ -214,3 +235,9 @@ class Daemon:
             t.dead_letters,
             t.batches,
         )
+
+
+def _late_rejection(tick: Tick) -> Rejection:
+    """A late tick as a dead letter with its original bytes."""
+    detail = f"ts {tick.ts} is older than the newest tick of stream {tick.stream!r}"
+    return Rejection(Reason.LATE, detail, tick.raw_key, tick.raw_value, tick.source)

@@ -8,9 +8,11 @@ depend only on its own ticks, in order, whatever else is in the batch (invariant
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -21,18 +23,26 @@ from pipeline.model import LoadedModel
 from pipeline.normalize import F64, I64, horizon_scale
 from pipeline.state import StateStore
 
+LatePolicy = Literal["dead_letter", "drop", "accept"]
+
 
 @dataclass(frozen=True, slots=True)
 class ForecastBatch:
-    """Forecasts for one micro-batch, row i answering ``ticks[i]`` (input order)."""
+    """Forecasts for one micro-batch, row i answering ``ticks[i]`` (input order).
+
+    Ticks older than their stream's newest tick are *late*: under the ``accept`` policy they are
+    forecast like any other; otherwise they leave no trace in the state and are listed in
+    ``late`` (input order) for the caller to dead-letter or count.
+    """
 
     ticks: Sequence[Tick]
     seq: I64  # (N,) 1-based count of ticks the stream has had processed
     forecast: F64  # (N, H) next H values of the target feature, stream units
     warm: npt.NDArray[np.bool_]  # (N,)
-    waves: int  # batched model steps taken
-    model_seconds: float  # wall time inside the model steps
-    resets: int  # streams whose state turned non-finite and was reset
+    late: Sequence[Tick] = ()
+    waves: int = 0  # batched model steps taken
+    model_seconds: float = 0.0  # wall time inside the model steps
+    resets: int = 0  # streams whose state turned non-finite and was reset
 
     def __len__(self) -> int:
         return len(self.ticks)
@@ -41,7 +51,10 @@ class ForecastBatch:
 class Engine:
     """Holds the model and the per-stream state; steps many streams per torch call."""
 
-    def __init__(self, loaded: LoadedModel, capacity: int = 1024) -> None:
+    def __init__(
+        self, loaded: LoadedModel, capacity: int = 1024, late_policy: LatePolicy = "accept"
+    ) -> None:
+        self.late_policy = late_policy
         self.model = loaded.model.eval()
         self.meta = loaded.meta
         self.target = loaded.meta.features.index(loaded.meta.target)
@@ -62,7 +75,8 @@ class Engine:
         forecast = np.zeros((n, self.horizon))
         warm = np.zeros(n, dtype=bool)
         if n == 0:
-            return ForecastBatch(ticks, seq, forecast, warm, 0, 0.0, 0)
+            return ForecastBatch(ticks, seq, forecast, warm)
+        late = np.zeros(n, dtype=bool)
         rank, streams, stream_index = _rank_by_stream(ticks)
         slot_of_tick = self.store.slots_for(streams)[stream_index]  # (N,)
         values = np.array([t.values for t in ticks], dtype=np.float64)  # (N, F)
@@ -72,13 +86,40 @@ class Engine:
         model_seconds, resets = 0.0, 0
         for k in range(len(bounds) - 1):
             rows = order[bounds[k] : bounds[k + 1]]
+            if self.late_policy != "accept":
+                is_late = self._late(slot_of_tick[rows], ts[rows])
+                late[rows[is_late]] = True
+                rows = rows[~is_late]
+                if len(rows) == 0:
+                    continue
             t0 = time.perf_counter()
             out, bad = self._wave(slot_of_tick[rows], values[rows], ts[rows])
             model_seconds += time.perf_counter() - t0
             resets += bad
             forecast[rows], warm[rows] = out
             seq[rows] = self.store.seq[slot_of_tick[rows]]
-        return ForecastBatch(ticks, seq, forecast, warm, len(bounds) - 1, model_seconds, resets)
+        waves = len(bounds) - 1
+        if not late.any():
+            return ForecastBatch(ticks, seq, forecast, warm, (), waves, model_seconds, resets)
+        keep = ~late
+        accepted = [t for t, ok in zip(ticks, keep.tolist(), strict=True) if ok]
+        late_ticks = [t for t, bad in zip(ticks, late.tolist(), strict=True) if bad]
+        return ForecastBatch(
+            accepted,
+            seq[keep],
+            forecast[keep],
+            warm[keep],
+            late_ticks,
+            waves,
+            model_seconds,
+            resets,
+        )
+
+    def _late(self, slots: I64, ts: F64) -> npt.NDArray[np.bool_]:
+        """Which ticks are older than their stream's newest processed tick."""
+        norm = self.store.normalizer
+        late: npt.NDArray[np.bool_] = (norm.count[slots] > 0) & (ts < norm.last_ts[slots])
+        return late
 
     def _wave(
         self, slots: I64, values: F64, ts: F64
@@ -88,37 +129,33 @@ class Engine:
         index = torch.from_numpy(slots)
         state = [h.index_select(0, index) for h in store.hidden]  # [(B, S_l)]
         y, new_state = self.model.step(torch.from_numpy(norm.inputs), state)  # y (B, H)
-        bad = 0
-        finite = torch.isfinite(y).all(dim=1)
-        for s in new_state:
-            finite &= torch.isfinite(s).all(dim=1)
-        if not bool(finite.all()):
-            bad_rows = (~finite).nonzero().flatten()
-            for s in new_state:
-                s[bad_rows] = 0.0
-            y[bad_rows] = 0.0  # persistence until the stream re-warms
-            bad = int(bad_rows.numel())
         for h, s in zip(store.hidden, new_state, strict=True):
             h.index_copy_(0, index, s)
         store.seq[slots] += 1
         scale = norm.scale[:, None] * self._hscale  # (B, H)
         forecast = norm.last[:, None] + scale * y.double().numpy()  # (B, H)
+        # Non-finite hidden state or statistics (e.g. values near 1e308 overflow a square) reach
+        # the forecast, so one reduction over it guards everything.
+        bad = 0
+        if not math.isfinite(float(forecast.sum())):
+            rows = ~np.isfinite(forecast).all(axis=1)
+            store.reset(slots[rows])  # cold start: zero hidden state and statistics, keep seq
+            forecast[rows] = norm.last[rows, None]  # persistence for this tick
+            bad = int(rows.sum())
         return (forecast, norm.warm), bad
 
 
 def _rank_by_stream(ticks: Sequence[Tick]) -> tuple[I64, list[str], I64]:
     """Per tick: its position within its stream; the distinct streams; each tick's stream index."""
-    counts: dict[str, int] = {}
     index_of: dict[str, int] = {}
-    rank = np.empty(len(ticks), dtype=np.int64)
-    stream_index = np.empty(len(ticks), dtype=np.int64)
-    for i, tick in enumerate(ticks):
-        s = tick.stream
-        r = counts.get(s)
-        if r is None:
-            r = 0
-            index_of[s] = len(index_of)
-        counts[s] = r + 1
-        rank[i] = r
-        stream_index[i] = index_of[s]
-    return rank, list(index_of), stream_index
+    counts: list[int] = []
+    rank: list[int] = []
+    stream_index: list[int] = []
+    for tick in ticks:
+        j = index_of.setdefault(tick.stream, len(counts))
+        if j == len(counts):
+            counts.append(0)
+        rank.append(counts[j])
+        counts[j] += 1
+        stream_index.append(j)
+    return np.array(rank, dtype=np.int64), list(index_of), np.array(stream_index, dtype=np.int64)

@@ -56,6 +56,9 @@ class Tick:
     ts: float
     values: tuple[float, ...]
     source: Source
+    # The record's original bytes (references, not copies), for a dead letter decided later.
+    raw_key: bytes | None = None
+    raw_value: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +183,7 @@ def decode(
         if "ts" not in doc:
             raise _Reject(Reason.MISSING_FIELD, "'ts' is missing")
         ts = _parse_ts(doc["ts"])
-        return Tick(stream, ts, _values(doc, features), source)
+        return Tick(stream, ts, _values(doc, features), source, key, value)
     except _Reject as rej:
         return Rejection(rej.reason, rej.detail, key, value, source)
 

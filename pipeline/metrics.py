@@ -51,6 +51,12 @@ FORECASTS = Counter("pipeline_forecasts_emitted_total", "Forecast records produc
 DEAD_LETTERS = Counter(
     "pipeline_dead_letters_total", "Input records sent to the dead-letter topic.", ["reason"]
 )
+RECORDS = Counter(
+    "pipeline_records_total",
+    "Input records by outcome (forecast, dead_letter, dropped), per partition; they reconcile "
+    "with the offsets consumed.",
+    ["topic", "partition", "outcome"],
+)
 STATE_RESETS = Counter(
     "pipeline_state_resets_total", "Streams whose state turned non-finite and was reset."
 )

@@ -177,3 +177,47 @@ def test_forecasts_do_not_depend_on_interleaving(
         assert x["seq"] == y["seq"]
         for u, v in zip(x["forecast"], y["forecast"], strict=True):
             assert u == pytest.approx(v, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["dead_letter", "drop"])
+def test_late_ticks_follow_the_policy_and_outcomes_reconcile(
+    bootstrap: str, start_daemon: Callable[..., DaemonProcess], policy: str
+) -> None:
+    names = _topics(bootstrap, partitions=3)
+    inp, out, dlq, _ = names
+    records: list[tuple[bytes | None, bytes | None]] = []
+    late: list[bytes] = []
+    for t in range(40):
+        for s in range(10):
+            records.append((f"k{s}".encode(), _tick(T0 + 10 * t, 100.0 + s + t)))
+            if t % 10 == 9:  # every 10th round a stream repeats an old timestamp
+                value = _tick(T0 + 10 * t - 25, 1.0)
+                records.append((f"k{s}".encode(), value))
+                late.append(value)
+    produce(bootstrap, inp, records)
+    port = free_port()
+    start_daemon(_daemon_args(bootstrap, names, port), env={"PIPELINE_INPUT__LATE_POLICY": policy})
+    forecasts = read_topic(bootstrap, out, 400, timeout_s=90)
+    assert len(forecasts) == 400
+    for stream in range(10):
+        seqs = [r.json()["seq"] for r in forecasts if r.key == f"k{stream}".encode()]
+        assert seqs == list(range(1, 41))
+    m = _wait_metrics(port, 400)
+    per_partition = defaultdict(int)
+    for rec in read_topic(bootstrap, inp, len(records)):
+        per_partition[rec.partition] += 1
+    outcomes = defaultdict(float)
+    for key, value in m.items():
+        if key.startswith("pipeline_records_total{"):
+            labels = dict(kv.split("=") for kv in key[key.index("{") + 1 : -1].split(","))
+            outcomes[labels["outcome"]] += value
+            per_partition[int(labels["partition"])] -= value
+    assert all(v == 0 for v in per_partition.values()), per_partition  # reconciles per partition
+    assert outcomes["forecast"] == 400
+    if policy == "dead_letter":
+        dead = read_topic(bootstrap, dlq, len(late), timeout_s=30)
+        assert sorted(r.value for r in dead) == sorted(late)  # original bytes
+        assert {r.headers["error"] for r in dead} == {b"late"}
+        assert outcomes["dead_letter"] == len(late)
+    else:
+        assert outcomes["dropped"] == len(late)

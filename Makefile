@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help run test lint typecheck unit bench train clean
+.PHONY: help install system-deps run test lint typecheck unit bench train clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with dev extras
+
+# Debian's prometheus package gives the real Prometheus server and promtool the tests use.
+system-deps:  ## install prometheus/promtool from Debian's packages if missing (root or sudo)
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 run: $(STAMP)  ## the daemon on an embedded broker with sample ticks flowing
 	$(BIN)/pipeline run $(ARGS)
@@ -29,7 +36,7 @@ typecheck: $(STAMP)  ## mypy on pipeline/
 unit: $(STAMP)  ## pytest (unit + integration on a real broker)
 	$(BIN)/pytest -q $(ARGS)
 
-test: lint typecheck unit  ## everything CI runs
+test: system-deps lint typecheck unit  ## everything CI runs
 
 bench: $(STAMP)  ## benchmarks with their baselines
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -23,6 +23,7 @@ from pipeline.engine import Engine, ForecastBatch
 from pipeline.kafka_admin import ensure_topics
 from pipeline.messages import Reason, Rejection, Tick
 from pipeline.model import LoadedModel
+from pipeline.quality import Quality
 from pipeline.sink import Sink
 from pipeline.source import Polled, Source
 
@@ -50,6 +51,7 @@ class Daemon:
     def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
         self.settings = settings
         self.engine = Engine(loaded, late_policy=settings.input.late_policy)
+        self.quality = Quality()
         self.stop_event = threading.Event()
         self.totals = Totals()
         self._next_lag = 0.0
@@ -159,6 +161,7 @@ class Daemon:
                 observe(max(produced_at - tick.source.timestamp_ms / 1000.0, 0.0))
         for rej in rejections:
             metrics.DEAD_LETTERS.labels(rej.reason.value).inc()
+        self.quality.observe(batch.error, batch.persistence_error)
         metrics.ACTIVE_STREAMS.set(len(self.engine.store))
         totals = self.totals
         totals.consumed += len(polled)

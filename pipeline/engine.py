@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -40,6 +40,10 @@ class ForecastBatch:
     forecast: F64  # (N, H) next H values of the target feature, stream units
     warm: npt.NDArray[np.bool_]  # (N,)
     late: Sequence[Tick] = ()
+    # Scored one-step forecasts of warm streams: |actual - forecast| and |actual - last value|,
+    # both divided by the stream's scale (scale-free, so streams of any size can be averaged).
+    error: F64 = field(default_factory=lambda: np.zeros(0))
+    persistence_error: F64 = field(default_factory=lambda: np.zeros(0))
     waves: int = 0  # batched model steps taken
     model_seconds: float = 0.0  # wall time inside the model steps
     resets: int = 0  # streams whose state turned non-finite and was reset
@@ -84,6 +88,7 @@ class Engine:
         order = np.argsort(rank, kind="stable")  # wave by wave, input order inside a wave
         bounds = np.searchsorted(rank[order], np.arange(int(rank.max()) + 2))
         model_seconds, resets = 0.0, 0
+        scored: list[tuple[F64, F64]] = []
         for k in range(len(bounds) - 1):
             rows = order[bounds[k] : bounds[k + 1]]
             if self.late_policy != "accept":
@@ -93,14 +98,22 @@ class Engine:
                 if len(rows) == 0:
                     continue
             t0 = time.perf_counter()
-            out, bad = self._wave(slot_of_tick[rows], values[rows], ts[rows])
+            slots = slot_of_tick[rows]
+            scored.append(self._score(slots, values[rows]))
+            out, bad = self._wave(slots, values[rows], ts[rows])
             model_seconds += time.perf_counter() - t0
             resets += bad
             forecast[rows], warm[rows] = out
-            seq[rows] = self.store.seq[slot_of_tick[rows]]
-        waves = len(bounds) - 1
+            seq[rows] = self.store.seq[slots]
+        stats = {
+            "error": np.concatenate([e for e, _ in scored]) if scored else np.zeros(0),
+            "persistence_error": np.concatenate([b for _, b in scored]) if scored else np.zeros(0),
+            "waves": len(bounds) - 1,
+            "model_seconds": model_seconds,
+            "resets": resets,
+        }
         if not late.any():
-            return ForecastBatch(ticks, seq, forecast, warm, (), waves, model_seconds, resets)
+            return ForecastBatch(ticks, seq, forecast, warm, (), **stats)  # type: ignore[arg-type]
         keep = ~late
         accepted = [t for t, ok in zip(ticks, keep.tolist(), strict=True) if ok]
         late_ticks = [t for t, bad in zip(ticks, late.tolist(), strict=True) if bad]
@@ -110,10 +123,21 @@ class Engine:
             forecast[keep],
             warm[keep],
             late_ticks,
-            waves,
-            model_seconds,
-            resets,
+            **stats,  # type: ignore[arg-type]
         )
+
+    def _score(self, slots: I64, values: F64) -> tuple[F64, F64]:
+        """Scaled errors of the previous one-step forecasts of warm streams, before the update."""
+        store, target = self.store, self.target
+        norm = store.normalizer
+        prev = store.prev_forecast[slots]
+        ok = ~np.isnan(prev) & (norm.count[slots] >= norm.config.warmup)
+        if not ok.any():
+            return np.zeros(0), np.zeros(0)
+        s = slots[ok]
+        actual = values[ok, target]
+        scale = np.sqrt(norm.dsq[s, target]) + 1e-30 + 1e-9 * np.abs(norm.mean[s, target])
+        return np.abs(actual - prev[ok]) / scale, np.abs(actual - norm.last[s, target]) / scale
 
     def _late(self, slots: I64, ts: F64) -> npt.NDArray[np.bool_]:
         """Which ticks are older than their stream's newest processed tick."""
@@ -142,6 +166,7 @@ class Engine:
             store.reset(slots[rows])  # cold start: zero hidden state and statistics, keep seq
             forecast[rows] = norm.last[rows, None]  # persistence for this tick
             bad = int(rows.sum())
+        store.prev_forecast[slots] = forecast[:, 0]
         return (forecast, norm.warm), bad
 
 

@@ -60,6 +60,31 @@ RECORDS = Counter(
 STATE_RESETS = Counter(
     "pipeline_state_resets_total", "Streams whose state turned non-finite and was reset."
 )
+SCORED = Counter(
+    "pipeline_forecasts_scored_total",
+    "One-step forecasts of warm streams compared with the value that arrived next.",
+)
+SCALED_ERROR = Counter(
+    "pipeline_forecast_scaled_abs_error_total",
+    "Sum of |actual - one-step forecast| / stream scale; divide its rate by the scored rate "
+    "for a scale-free MAE.",
+)
+PERSISTENCE_ERROR = Counter(
+    "pipeline_persistence_scaled_abs_error_total",
+    "The same sum for the last-value forecast (the baseline the model must beat).",
+)
+MAE = Gauge(
+    "pipeline_forecast_mae_scaled",
+    "Recent scale-free MAE of the one-step forecast (exponentially weighted over batches).",
+)
+SKILL = Gauge(
+    "pipeline_forecast_skill_ratio",
+    "Recent model MAE / last-value MAE on the same ticks; below 1 means the model helps.",
+)
+DRIFTS = Counter(
+    "pipeline_drift_detections_total",
+    "Changes in the forecast residuals detected by River's ADWIN.",
+)
 LAG = Gauge(
     "pipeline_consumer_lag_records",
     "High watermark minus the consumer position, per assigned input partition.",

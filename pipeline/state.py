@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.normalize import I64, Normalizer, NormalizerConfig
+from pipeline.normalize import F64, I64, Normalizer, NormalizerConfig
 
 
 class StateStore:
@@ -31,6 +31,9 @@ class StateStore:
         self.hidden: list[Tensor] = [torch.zeros(capacity, s) for s in self.state_sizes]
         self.normalizer = Normalizer(normalizer, n_features, capacity)
         self.seq: I64 = np.zeros(capacity, dtype=np.int64)
+        # The one-step forecast made at each stream's latest tick (NaN: none yet), scored when
+        # the next tick arrives.
+        self.prev_forecast: F64 = np.full(capacity, np.nan)
         self.slot_of: dict[str, int] = {}
         self.stream_at: list[str | None] = [None] * capacity
         self._free: list[int] = list(range(capacity - 1, -1, -1))
@@ -69,6 +72,7 @@ class StateStore:
         self.hidden = [torch.cat([h, torch.zeros(capacity - old, h.shape[1])]) for h in self.hidden]
         self.normalizer.grow(capacity)
         self.seq = np.concatenate([self.seq, np.zeros(capacity - old, dtype=np.int64)])
+        self.prev_forecast = np.concatenate([self.prev_forecast, np.full(capacity - old, np.nan)])
         self.stream_at.extend([None] * (capacity - old))
         self._free.extend(range(capacity - 1, old - 1, -1))
 
@@ -78,6 +82,7 @@ class StateStore:
         for h in self.hidden:
             h.index_fill_(0, index, 0.0)
         self.normalizer.reset(slots)
+        self.prev_forecast[slots] = np.nan
 
     def evict(self, stream: str) -> bool:
         """Drop a stream's state and free its slot; False if it had none."""
@@ -95,4 +100,4 @@ class StateStore:
         """Bytes held by per-slot arrays (all capacity, not only live streams)."""
         tensors = sum(h.element_size() * h.nelement() for h in self.hidden)
         norm = sum(getattr(self.normalizer, f).nbytes for f in self.normalizer.FIELDS)
-        return int(tensors + norm + self.seq.nbytes)
+        return int(tensors + norm + self.seq.nbytes + self.prev_forecast.nbytes)

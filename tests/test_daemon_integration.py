@@ -128,6 +128,9 @@ def test_every_tick_gets_one_forecast_and_bad_records_are_dead_lettered(
     assert any(k.startswith("pipeline_consumer_lag_records{") for k in m)
     assert any(k.startswith("pipeline_model_info{") for k in m)
     assert m["pipeline_batch_processing_seconds_count{}"] >= 1
+    # Ticks 21..30 of each stream are warm and score the previous one-step forecast.
+    assert m["pipeline_forecasts_scored_total{}"] == 60 * 10
+    assert 0 < m["pipeline_forecast_skill_ratio{}"] < 10
 
     assert daemon.stop() == 0
     assert "event=stopped" in daemon.log()

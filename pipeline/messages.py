@@ -92,6 +92,8 @@ def _parse_ts(raw: Any) -> float:
     if isinstance(raw, bool):
         raise _Reject(Reason.BAD_TIMESTAMP, f"ts must be a number or ISO-8601 string, got {raw!r}")
     if isinstance(raw, int):
+        if abs(raw) > 10**18:  # also keeps float() from overflowing on 400-digit integers
+            raise _Reject(Reason.BAD_TIMESTAMP, f"ts {str(raw)[:40]}... is out of range")
         ts = raw / 1000.0 if raw > _MS_THRESHOLD else float(raw)
     elif isinstance(raw, float):
         if not math.isfinite(raw):
@@ -119,7 +121,10 @@ def _parse_iso(raw: str) -> float:
 def _number(raw: Any, name: str) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise _Reject(Reason.BAD_TYPE, f"{name} must be a number, got {type(raw).__name__}")
-    value = float(raw)
+    try:
+        value = float(raw)
+    except OverflowError:  # a JSON integer beyond the float range
+        raise _Reject(Reason.NON_FINITE, f"{name} does not fit a float") from None
     if not math.isfinite(value):
         raise _Reject(Reason.NON_FINITE, f"{name} is {raw!r}")
     return value
@@ -155,6 +160,10 @@ def _stream(key: bytes | None, doc: dict[str, Any]) -> str:
             raise _Reject(Reason.MISSING_STREAM, "record key is not UTF-8") from None
     stream = doc.get("stream")
     if isinstance(stream, str) and stream:
+        try:
+            stream.encode("utf-8")  # it becomes the forecast's record key
+        except UnicodeEncodeError:
+            raise _Reject(Reason.MISSING_STREAM, "'stream' is not valid UTF-8") from None
         return stream
     raise _Reject(Reason.MISSING_STREAM, "no record key and no 'stream' field")
 

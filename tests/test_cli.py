@@ -80,7 +80,7 @@ def test_simulate_replays_csv(
     doc = recs[0].json()
     assert isinstance(doc["ts"], float) and isinstance(doc["value"], float)
     if fmt == "wide":
-        columns = "HUFL HULL MUFL MULL LUFL LULL OT".split()
+        columns = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
         assert {r.key for r in recs} == {f"ETTh1.{c}".encode() for c in columns}
 
 

@@ -52,6 +52,7 @@ class Daemon:
         self.settings = settings
         self.engine = Engine(loaded, late_policy=settings.input.late_policy)
         self.quality = Quality()
+        self.health = metrics.Health()
         self.stop_event = threading.Event()
         self.totals = Totals()
         self._next_lag = 0.0
@@ -110,6 +111,7 @@ class Daemon:
         assert self.source is not None and self.sink is not None
         polled = self.source.poll(timeout_ms)
         now = time.monotonic()
+        self.health.loop_at = self.health.poll_ok_at = now
         if now >= self._next_lag:
             self._update_lag()
             self._next_lag = now + LAG_INTERVAL_S
@@ -211,6 +213,7 @@ class Daemon:
         )
 
     def _on_assigned(self, partitions: list[int]) -> None:
+        self.health.assigned = True
         log.info("event=partitions_assigned partitions=%s", ",".join(map(str, partitions)))
 
     def _on_revoked(self, partitions: list[int]) -> None:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 # Seconds. From a few ms (in-process) to a minute (a consumer far behind).
 LATENCY_BUCKETS = (
@@ -95,7 +103,53 @@ STATE_BYTES = Gauge("pipeline_state_bytes", "Bytes of per-stream arrays (allocat
 MODEL_INFO = Info("pipeline_model", "The serving model and the settings fingerprint.")
 
 
-def serve(host: str, port: int) -> None:
-    """Expose ``/metrics`` on ``host:port`` from a daemon thread (port 0: do nothing)."""
-    if port:
-        start_http_server(port, addr=host)
+READY = Gauge("pipeline_ready", "1 while /readyz answers 200 (in the group, polling the broker).")
+
+
+@dataclass
+class Health:
+    """What /healthz and /readyz report; the daemon loop updates it."""
+
+    loop_at: float = 0.0  # monotonic time of the last loop iteration
+    poll_ok_at: float = 0.0  # monotonic time of the last poll that did not fail
+    assigned: bool = False  # the group has given this instance its (possibly empty) share
+    restoring: bool = False  # state of newly assigned partitions is being restored
+    stuck_after_s: float = 60.0
+    stale_after_s: float = 30.0
+
+    def alive(self) -> bool:
+        return self.loop_at == 0.0 or time.monotonic() - self.loop_at < self.stuck_after_s
+
+    def ready(self) -> bool:
+        fresh = time.monotonic() - self.poll_ok_at < self.stale_after_s
+        return self.assigned and not self.restoring and fresh and self.alive()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds is not worth a log line
+
+
+def serve(host: str, port: int, health: Health) -> None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` from a daemon thread.
+
+    Port 0 disables the endpoint. Raises OSError if the port is taken.
+    """
+    if not port:
+        return
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok = health.alive() if path == "/healthz" else health.ready()
+            READY.set(1 if health.ready() else 0)
+            status = "200 OK" if ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not ready\n"]
+        READY.set(1 if health.ready() else 0)
+        result: Iterable[bytes] = metrics_app(environ, start_response)
+        return result
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

@@ -38,8 +38,8 @@ def run_daemon(settings: Settings) -> int:
             )
             settings = settings.model_copy(update={"kafka": kafka})
         log.info("event=settings %s", settings.masked())
-        _serve_metrics(settings)
         daemon = Daemon(settings, loaded)
+        _serve_metrics(settings, daemon.health)
         daemon.install_signal_handlers()
         feed_on = settings.sample_feed.enabled
         if feed_on or (feed_on is None and embedded):
@@ -58,10 +58,10 @@ def run_daemon(settings: Settings) -> int:
     return 0
 
 
-def _serve_metrics(settings: Settings) -> None:
+def _serve_metrics(settings: Settings, health: metrics.Health) -> None:
     m = settings.metrics
     try:
-        metrics.serve(m.host, m.port)
+        metrics.serve(m.host, m.port, health)
     except OSError as exc:
         raise ConfigError(
             f"metrics port {m.port} on {m.host} is not available ({exc.strerror}); pass "

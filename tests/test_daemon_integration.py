@@ -132,6 +132,11 @@ def test_every_tick_gets_one_forecast_and_bad_records_are_dead_lettered(
     assert m["pipeline_forecasts_scored_total{}"] == 60 * 10
     assert 0 < m["pipeline_forecast_skill_ratio{}"] < 10
 
+    for path in ("/healthz", "/readyz"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            assert resp.status == 200
+    assert m["pipeline_ready{}"] == 1
+
     assert daemon.stop() == 0
     assert "event=stopped" in daemon.log()
 

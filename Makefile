@@ -45,7 +45,7 @@ DATA ?= ../shared/data
 train: $(STAMP)  ## retrain the shipped default model (command recorded in its metadata)
 	$(BIN)/pipeline train --data $(DATA)/ETTh1.csv --data $(DATA)/ETTh2.csv \
 	  --data $(DATA)/ETTm1.csv.gz --data $(DATA)/ETTm2.csv.gz --horizon 24 --layers 64,32 \
-	  --epochs 10 --seed 0 --name ett-gru --out pipeline/models/default.pt
+	  --epochs 10 --seed 0 --threads 1 --name ett-gru --out pipeline/models/default.pt
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ Checkpoints are two files: ``NAME.pt`` (tensors and constructor arguments, loade
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -177,8 +178,10 @@ def save_model(model: Forecaster, meta: ModelMeta, path: Path) -> Path:
         "config": asdict(model.config),
         "state_dict": model.state_dict(),
     }
-    torch.save(payload, path)
-    meta.weights_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    buffer = io.BytesIO()  # a file name would leak into the archive and change the sha256
+    torch.save(payload, buffer)
+    path.write_bytes(buffer.getvalue())
+    meta.weights_sha256 = hashlib.sha256(buffer.getvalue()).hexdigest()
     meta.config = model.config
     side = path.with_suffix(".json")
     side.write_text(json.dumps(meta.to_json(), indent=2, default=str) + "\n")

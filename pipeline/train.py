@@ -383,11 +383,12 @@ def evaluate_splits(
 ) -> dict[str, Any]:
     """Mean over series of MAE ratios (model / persistence) on validation and test parts."""
     out: dict[str, Any] = {}
+    forecasts = [predict(model, p) for p in prepared]  # state carried from each series' start
     for part in ("val", "test"):
         ratios_1, ratios_all, per_series = [], [], {}
-        for p, sp in zip(prepared, splits, strict=True):
+        for p, sp, fc in zip(prepared, splits, forecasts, strict=True):
             start, end = (sp.train_end, sp.val_end) if part == "val" else (sp.val_end, sp.n)
-            e = errors(predict(model, p), p, start, end)
+            e = errors(fc, p, start, end)
             r = [
                 m / b if b > 0 else 1.0 for m, b in zip(e["mae"], e["persistence_mae"], strict=True)
             ]

@@ -20,7 +20,8 @@ from types import FrameType
 from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.engine import Engine, ForecastBatch
-from pipeline.kafka_admin import ensure_topics
+from pipeline.errors import BrokerError
+from pipeline.kafka_admin import ensure_topics, probe
 from pipeline.messages import Reason, Rejection, Tick
 from pipeline.model import LoadedModel
 from pipeline.quality import Quality
@@ -30,6 +31,8 @@ from pipeline.source import Polled, Source
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 1.0
+TOPIC_CHECK_INTERVAL_S = 5.0
+MAX_BACKOFF_S = 15.0
 PROGRESS_INTERVAL_S = 10.0
 FIRST_PROGRESS_S = 3.0  # the first progress line comes early so a new user sees forecasts
 
@@ -56,6 +59,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.totals = Totals()
         self._next_lag = 0.0
+        self._next_topic_check = time.monotonic() + TOPIC_CHECK_INTERVAL_S
         self._next_progress = time.monotonic() + FIRST_PROGRESS_S
         self.source: Source | None = None
         self.sink: Sink | None = None
@@ -73,8 +77,6 @@ class Daemon:
         """Run until :meth:`request_stop`; always flushes, commits and closes on the way out."""
         kafka = self.settings.kafka
         meta = self.engine.meta
-        if kafka.create_topics:
-            ensure_topics(kafka, [kafka.input_topic, kafka.output_topic, kafka.dlq_topic])
         metrics.MODEL_INFO.info(
             {
                 "version": meta.version,
@@ -84,14 +86,8 @@ class Daemon:
                 "config_hash": self.settings.fingerprint(),
             }
         )
-        self.sink = Sink(kafka)
-        self.source = Source(
-            kafka,
-            features=meta.features,
-            max_record_bytes=self.settings.input.max_record_bytes,
-            on_assigned=self._on_assigned,
-            on_revoked=self._on_revoked,
-        )
+        if not self._connect():
+            return
         log.info(
             "event=started input=%s output=%s dlq=%s group=%s model=%s",
             kafka.input_topic,
@@ -106,6 +102,59 @@ class Daemon:
         finally:
             self._close()
 
+    def _connect(self) -> bool:
+        """Reach the broker, create topics, build source and sink; retry with backoff.
+
+        Returns False if a stop was requested before the broker could be reached.
+        """
+        kafka, attempt = self.settings.kafka, 0
+        while not self.stop_event.is_set():
+            try:
+                probe(kafka)
+                if kafka.create_topics:
+                    ensure_topics(kafka, self._topics())
+                self.sink = Sink(kafka, self.stop_event)
+                self.source = Source(
+                    kafka,
+                    features=self.engine.meta.features,
+                    max_record_bytes=self.settings.input.max_record_bytes,
+                    on_assigned=self._on_assigned,
+                    on_revoked=self._on_revoked,
+                )
+                return True
+            except BrokerError as exc:
+                attempt += 1
+                delay = min(0.5 * 2**attempt, MAX_BACKOFF_S)
+                metrics.BROKER_RETRIES.inc()
+                log.warning(
+                    "event=broker_unreachable attempt=%d retry_in_s=%.1f bootstrap=%s error=%s",
+                    attempt, delay, kafka.bootstrap_servers, exc,
+                )  # fmt: skip
+                if self.sink is not None:
+                    self.sink.close()
+                    self.sink = None
+                self.stop_event.wait(delay)
+        return False
+
+    def _topics(self) -> list[str]:
+        kafka = self.settings.kafka
+        return [kafka.input_topic, kafka.output_topic, kafka.dlq_topic]
+
+    def _watch_topics(self) -> None:
+        """Create topics again if they vanished (a memory-only broker restarted)."""
+        assert self.source is not None
+        known = self.source.topics()
+        missing = [t for t in self._topics() if known is not None and t not in known]
+        if not missing:
+            return
+        log.warning("event=topics_missing topics=%s action=create", ",".join(missing))
+        try:
+            created = ensure_topics(self.settings.kafka, missing)
+        except BrokerError as exc:
+            log.warning("event=topics_recreate_failed error=%s", exc)
+            return
+        metrics.TOPICS_RECREATED.inc(len(created))
+
     def step(self, timeout_ms: int) -> int:
         """One micro-batch; returns the number of input records handled."""
         assert self.source is not None and self.sink is not None
@@ -115,6 +164,11 @@ class Daemon:
         if now >= self._next_lag:
             self._update_lag()
             self._next_lag = now + LAG_INTERVAL_S
+        if self.settings.kafka.create_topics and now >= self._next_topic_check:
+            self._watch_topics()
+            self._next_topic_check = now + TOPIC_CHECK_INTERVAL_S
+        if polled.skipped:
+            metrics.REDELIVERED.inc(polled.skipped)
         if polled:
             self._handle(polled)
         if now >= self._next_progress:
@@ -137,7 +191,8 @@ class Daemon:
         self.sink.send_dead_letters(rejections)
         self.sink.flush()
         produced_at = time.time()
-        self.source.commit(polled.offsets)
+        if not self.source.commit(polled.offsets):
+            metrics.COMMIT_FAILURES.inc()
         self._observe(polled, batch, rejections, produced_at, time.perf_counter() - started)
         self._reconcile(batch.ticks, rejections, dropped)
 
@@ -218,6 +273,8 @@ class Daemon:
 
     def _on_revoked(self, partitions: list[int]) -> None:
         topic = self.settings.kafka.input_topic
+        if self.source is not None:
+            self.source.forget(partitions)
         for p in partitions:
             # KeyError: never exported, no lag reading arrived while it was assigned.
             with contextlib.suppress(KeyError):
@@ -228,6 +285,8 @@ class Daemon:
         try:
             if self.sink is not None:
                 self.sink.flush()
+        except BrokerError as exc:
+            log.warning("event=final_flush_failed error=%s", exc)
         finally:
             if self.source is not None:
                 self.source.close()

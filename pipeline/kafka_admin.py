@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable
 
 from kafka import KafkaAdminClient
@@ -29,6 +30,23 @@ def client_options(kafka: KafkaSettings) -> dict[str, object]:
             kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
         )
     return opts
+
+
+def probe(kafka: KafkaSettings, timeout_s: float = 2.0) -> None:
+    """Raise BrokerError unless a TCP connection to some bootstrap server opens in time.
+
+    A cheap first check: kafka-python's clients block for ~30 s on an unreachable cluster.
+    """
+    servers = (kafka.bootstrap_servers or "").split(",")
+    errors = []
+    for server in servers:
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout_s):
+                return
+        except (OSError, ValueError) as exc:
+            errors.append(f"{server}: {exc}")
+    raise BrokerError(f"no bootstrap server reachable ({'; '.join(errors)})")
 
 
 def ensure_topics(

@@ -93,6 +93,22 @@ DRIFTS = Counter(
     "pipeline_drift_detections_total",
     "Changes in the forecast residuals detected by River's ADWIN.",
 )
+SEND_RETRIES = Counter(
+    "pipeline_send_retries_total", "Micro-batches whose outputs had to be sent again."
+)
+COMMIT_FAILURES = Counter(
+    "pipeline_commit_failures_total", "Offset commits that failed (the batch may be redelivered)."
+)
+BROKER_RETRIES = Counter(
+    "pipeline_broker_connect_retries_total", "Failed attempts to reach the broker at start-up."
+)
+REDELIVERED = Counter(
+    "pipeline_redelivered_skipped_total",
+    "Records redelivered after a failed commit and skipped (their outputs were already sent).",
+)
+TOPICS_RECREATED = Counter(
+    "pipeline_topics_recreated_total", "Topics found missing while running and created again."
+)
 LAG = Gauge(
     "pipeline_consumer_lag_records",
     "High watermark minus the consumer position, per assigned input partition.",

@@ -12,9 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import KafkaSettings
+from pipeline.errors import BrokerError
 from pipeline.kafka_admin import client_options
 from pipeline.messages import Rejection, Tick, decode
 from pipeline.messages import Source as RecordSource
@@ -30,6 +32,7 @@ class Polled:
 
     records: list[Tick | Rejection] = field(default_factory=list)
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
+    skipped: int = 0  # redelivered records already processed by this instance
 
     def __len__(self) -> int:
         return len(self.records)
@@ -61,7 +64,18 @@ class Source:
         self.topic = kafka.input_topic
         self.features = tuple(features)
         self.max_record_bytes = max_record_bytes
-        self.consumer = KafkaConsumer(
+        # Next offset to process per partition: records below it were already handled (their
+        # outputs flushed) and are skipped when a failed commit makes the broker send them again.
+        self._next: dict[int, int] = {}
+        try:
+            self.consumer = self._consumer(kafka)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot join group at {kafka.bootstrap_servers}: {exc}") from exc
+        self.consumer.subscribe([self.topic], listener=_Listener(on_assigned, on_revoked))
+
+    @staticmethod
+    def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
+        return KafkaConsumer(
             **client_options(kafka),
             group_id=kafka.group_id,
             enable_auto_commit=False,
@@ -73,7 +87,6 @@ class Source:
             max_poll_records=kafka.max_poll_records,
             isolation_level="read_committed",
         )
-        self.consumer.subscribe([self.topic], listener=_Listener(on_assigned, on_revoked))
 
     def poll(self, timeout_ms: int) -> Polled:
         """Fetch up to ``max_poll_records`` records and decode them."""
@@ -81,22 +94,65 @@ class Source:
         polled = Polled()
         append, features, limit = polled.records.append, self.features, self.max_record_bytes
         for tp, records in batches.items():
+            if not records:
+                continue
+            first = self._first_new(tp, records[0].offset)
             for rec in records:
+                if rec.offset < first:
+                    polled.skipped += 1
+                    continue
                 src = RecordSource(tp.topic, tp.partition, rec.offset, rec.timestamp)
                 append(decode(rec.key, rec.value, src, features=features, max_bytes=limit))
-            if records:
-                polled.offsets[tp.partition] = records[-1].offset + 1
+            polled.offsets[tp.partition] = records[-1].offset + 1
+            self._next[tp.partition] = max(first, records[-1].offset + 1)
         return polled
 
-    def commit(self, offsets: dict[int, int]) -> None:
-        """Commit ``partition -> next offset`` synchronously."""
-        if offsets:
+    def _first_new(self, tp: TopicPartition, offset: int) -> int:
+        """First offset of this fetch not yet processed by this instance."""
+        done = self._next.get(tp.partition)
+        if done is None or offset >= done:
+            return offset
+        high = self.consumer.highwater(tp)
+        if high is not None and high < done:
+            # The log restarted below what we processed (a memory-only broker came back
+            # empty): these are new records, not a redelivery.
+            log.warning(
+                "event=partition_log_reset partition=%d was=%d now=%d", tp.partition, done, high
+            )
+            return offset
+        return done
+
+    def forget(self, partitions: list[int]) -> None:
+        """Drop the processed-offset memory of revoked partitions (another member owns them)."""
+        for p in partitions:
+            self._next.pop(p, None)
+
+    def commit(self, offsets: dict[int, int]) -> bool:
+        """Commit ``partition -> next offset`` synchronously; False if the commit failed.
+
+        A failed commit (rebalance, broker restart) is not fatal: the records may be delivered
+        again and are then skipped, because this instance remembers what it processed.
+        """
+        if not offsets:
+            return True
+        try:
             self.consumer.commit(
                 {
                     TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
                     for p, o in offsets.items()
                 }
             )
+        except KafkaError as exc:
+            log.warning("event=commit_failed partitions=%s error=%r", sorted(offsets), exc)
+            return False
+        return True
+
+    def topics(self) -> set[str] | None:
+        """Topic names the cluster knows now (fresh metadata); None if it cannot be asked."""
+        try:
+            return set(self.consumer.topics())
+        except KafkaError:
+            return None
 
     def lag(self) -> dict[int, int]:
         """Records behind the high watermark per assigned partition.
@@ -116,4 +172,7 @@ class Source:
         return sorted(tp.partition for tp in self.consumer.assignment())
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        try:
+            self.consumer.close(autocommit=False)
+        except KafkaError:
+            log.warning("event=consumer_close_failed", exc_info=True)

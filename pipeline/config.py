@@ -148,6 +148,9 @@ def _read_env() -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(path) == 1 and path[0] not in sections:
+            # Not a setting: e.g. Kubernetes' service links (PIPELINE_SERVICE_HOST, PIPELINE_PORT).
+            continue
         if path[0] not in sections:
             raise ConfigError(
                 f"environment variable {name}: unknown section {path[0]!r}; "

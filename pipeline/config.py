@@ -37,6 +37,15 @@ class KafkaSettings(_Section):
     dlq_topic: str = "ticks.dlq"
     group_id: str = "pipeline"
     client_id: str = "pipeline"
+    # exactly_once: forecasts, changelog and offsets of a micro-batch in one transaction (falls
+    # back to at_least_once, and says so, if the broker refuses transactions).
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    # Names this instance's transactional id (<group_id>-<instance_id>); stable across restarts
+    # of the same instance so a zombie gets fenced. Default: the host name.
+    instance_id: str | None = None
+    # A transaction commit that takes longer is abandoned, the producer rebuilt and the batch
+    # redone from the committed offsets (Tansu's commit can hang after a broker restart).
+    transaction_timeout_ms: int = Field(default=30_000, ge=1_000)
     # Topics missing at start-up are created with this many partitions (input, output, DLQ).
     create_topics: bool = True
     partitions: int = Field(default=6, ge=1, le=10_000)
@@ -58,6 +67,20 @@ class KafkaSettings(_Section):
     sasl_password: SecretStr | None = None
 
 
+class StateSettings(_Section):
+    """Per-stream state: the changelog topic, eviction and the stream cap."""
+
+    # Changelog topic (compacted, co-partitioned with the input); None: "<group_id>.state".
+    changelog: bool = True
+    topic: str | None = None
+    # Evict streams idle longer than this many seconds (None: never), measured on the clock below.
+    ttl_seconds: float | None = Field(default=None, gt=0)
+    ttl_clock: Literal["wall", "event"] = "wall"
+    # Evict the least recently seen streams beyond this many (None: no cap).
+    max_streams: int | None = Field(default=None, ge=1)
+    evict_interval_seconds: float = Field(default=5.0, gt=0)
+
+
 class MetricsSettings(_Section):
     """The Prometheus endpoint (``/metrics``); port 0 disables it."""
 
@@ -70,6 +93,8 @@ class ModelSettings(_Section):
 
     # None: the default model shipped inside the package.
     path: Path | None = None
+    # Reload the model when its file changes (also on SIGHUP); checked this often (0: never).
+    watch_seconds: float = Field(default=5.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)
 
 
@@ -100,6 +125,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     model: ModelSettings = ModelSettings()
     input: InputSettings = InputSettings()
+    state: StateSettings = StateSettings()
     sample_feed: SampleFeedSettings = SampleFeedSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -107,6 +133,9 @@ class Settings(_Section):
         """The settings as plain data with secrets masked, for the start-up log line."""
         data: dict[str, Any] = json.loads(self.model_dump_json())
         return data
+
+    def changelog_topic(self) -> str:
+        return self.state.topic or f"{self.kafka.group_id}.state"
 
     def fingerprint(self) -> str:
         """A short stable hash of the settings (exported in the info metric)."""

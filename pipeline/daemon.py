@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -18,10 +19,11 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from pipeline import metrics
+from pipeline.checkpoint import StateKeeper
 from pipeline.config import Settings
 from pipeline.engine import Engine, ForecastBatch
-from pipeline.errors import BrokerError
-from pipeline.kafka_admin import ensure_topics, probe
+from pipeline.errors import BrokerError, TransactionFailed, TransactionsUnsupported
+from pipeline.kafka_admin import ensure_topics, partitions_of, probe
 from pipeline.messages import Reason, Rejection, Tick
 from pipeline.model import LoadedModel
 from pipeline.quality import Quality
@@ -63,6 +65,10 @@ class Daemon:
         self._next_progress = time.monotonic() + FIRST_PROGRESS_S
         self.source: Source | None = None
         self.sink: Sink | None = None
+        self.keeper = StateKeeper(settings, self.engine.store)
+        self.exactly_once = settings.kafka.processing_guarantee == "exactly_once"
+        self._to_restore: set[int] = set()  # assigned partitions paused until state is restored
+        self._needs_recover = False  # a transaction failed: rewind and restore before going on
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if not self.stop_event.is_set():
@@ -113,7 +119,8 @@ class Daemon:
                 probe(kafka)
                 if kafka.create_topics:
                     ensure_topics(kafka, self._topics())
-                self.sink = Sink(kafka, self.stop_event)
+                    self._ensure_changelog()
+                self.sink = self._make_sink()
                 self.source = Source(
                     kafka,
                     features=self.engine.meta.features,
@@ -136,6 +143,35 @@ class Daemon:
                 self.stop_event.wait(delay)
         return False
 
+    def _make_sink(self) -> Sink:
+        kafka = self.settings.kafka
+        changelog = self.settings.changelog_topic() if self.settings.state.changelog else None
+        if self.exactly_once:
+            instance = kafka.instance_id or socket.gethostname()
+            txn_id = f"{kafka.group_id}-{instance}"
+            try:
+                sink = Sink(
+                    kafka, self.stop_event, transactional_id=txn_id, changelog_topic=changelog
+                )
+                metrics.GUARANTEE.info({"guarantee": "exactly_once", "transactional_id": txn_id})
+                log.info("event=exactly_once transactional_id=%s", txn_id)
+                return sink
+            except TransactionsUnsupported as exc:
+                log.warning("event=transactions_unsupported fallback=at_least_once error=%s", exc)
+                self.exactly_once = False
+        metrics.GUARANTEE.info({"guarantee": "at_least_once", "transactional_id": ""})
+        return Sink(kafka, self.stop_event, changelog_topic=changelog)
+
+    def _ensure_changelog(self, partitions: int | None = None) -> None:
+        """The changelog gets as many partitions as the input (co-partitioning), compacted."""
+        if not self.settings.state.changelog:
+            return
+        kafka = self.settings.kafka
+        partitions = partitions or partitions_of(kafka, kafka.input_topic) or kafka.partitions
+        ensure_topics(
+            kafka, [self.settings.changelog_topic()], partitions, {"cleanup.policy": "compact"}
+        )
+
     def _topics(self) -> list[str]:
         kafka = self.settings.kafka
         return [kafka.input_topic, kafka.output_topic, kafka.dlq_topic]
@@ -150,6 +186,9 @@ class Daemon:
         log.warning("event=topics_missing topics=%s action=create", ",".join(missing))
         try:
             created = ensure_topics(self.settings.kafka, missing)
+            # A temporary consumer here (partitions_of) stalled the group's rejoin on Tansu.
+            input_created = self.settings.kafka.input_topic in created
+            self._ensure_changelog(self.settings.kafka.partitions if input_created else None)
         except BrokerError as exc:
             log.warning("event=topics_recreate_failed error=%s", exc)
             return
@@ -169,6 +208,11 @@ class Daemon:
             self._next_topic_check = now + TOPIC_CHECK_INTERVAL_S
         if polled.skipped:
             metrics.REDELIVERED.inc(polled.skipped)
+        if self._to_restore:
+            self._restore_pending()
+        if self._needs_recover:
+            self._try_recover()  # rewinds: the records of this poll come again
+            return len(polled)
         if polled:
             self._handle(polled)
         if now >= self._next_progress:
@@ -177,8 +221,17 @@ class Daemon:
         return len(polled)
 
     def _handle(self, polled: Polled) -> None:
+        """One micro-batch: forecasts, dead letters, state and offsets, committed together."""
         assert self.source is not None and self.sink is not None
         started = time.perf_counter()
+        sink = self.sink
+        if self.exactly_once:
+            try:
+                sink.begin()
+            except BrokerError as exc:
+                log.warning("event=transaction_begin_failed error=%s", exc)
+                self._needs_recover = True
+                return
         ticks = [r for r in polled.records if isinstance(r, Tick)]
         rejections = [r for r in polled.records if isinstance(r, Rejection)]
         batch = self.engine.process(ticks)
@@ -187,14 +240,62 @@ class Daemon:
             dropped = list(batch.late)
         elif batch.late:
             rejections += [_late_rejection(t) for t in batch.late]
-        self.sink.send_forecasts(batch, self.engine.version)
-        self.sink.send_dead_letters(rejections)
-        self.sink.flush()
+        sink.send_forecasts(batch, self.engine.version)
+        sink.send_dead_letters(rejections)
+        if self.settings.state.changelog:
+            sink.send_state(self.keeper.records(batch.touched))
+            sink.send_state(self.keeper.evictions())
+        if self.exactly_once:
+            try:
+                sink.commit(
+                    {self.settings.kafka.input_topic: polled.offsets}, self.source.group_metadata()
+                )
+            except TransactionFailed as exc:
+                metrics.TRANSACTIONS.labels("aborted").inc()
+                log.warning("event=transaction_aborted error=%s action=rewind_and_restore", exc)
+                self._needs_recover = True
+                return
+            metrics.TRANSACTIONS.labels("committed").inc()
+        else:
+            sink.flush()
+            if not self.source.commit(polled.offsets):
+                metrics.COMMIT_FAILURES.inc()
         produced_at = time.time()
-        if not self.source.commit(polled.offsets):
-            metrics.COMMIT_FAILURES.inc()
         self._observe(polled, batch, rejections, produced_at, time.perf_counter() - started)
         self._reconcile(batch.ticks, rejections, dropped)
+
+    def _recover(self) -> None:
+        """After an aborted batch: back to the committed offsets and the state they imply.
+
+        Streams without a valid changelog record start cold: on a real cluster that is a stream
+        first seen in the aborted batch; on a memory-only broker that lost its data, every one.
+        """
+        assert self.source is not None
+        partitions = self.source.assignment()
+        committed = self.source.rewind(partitions)
+        self._restore(committed)
+        self._needs_recover = False
+
+    def _try_recover(self) -> None:
+        try:
+            self._recover()
+        except BrokerError as exc:
+            log.warning("event=recovery_pending error=%s", exc)
+            self.stop_event.wait(1.0)
+
+    def _restore(self, committed: dict[int, int]) -> None:
+        if not self.settings.state.changelog:
+            return
+        self.health.restoring = True
+        try:
+            report = self.keeper.restore(committed)
+        finally:
+            self.health.restoring = False
+        log.info(
+            "event=state_restored partitions=%s streams=%d records=%d cold_hidden=%d seconds=%.3f",
+            ",".join(map(str, report.partitions)), report.streams, report.records,
+            report.cold_hidden, report.seconds,
+        )  # fmt: skip
 
     def _observe(
         self,
@@ -268,22 +369,53 @@ class Daemon:
         )
 
     def _on_assigned(self, partitions: list[int]) -> None:
-        self.health.assigned = True
+        """Pause ``partitions`` until their streams' state is restored (by the loop).
+
+        kafka-python runs this on its IO thread, where no blocking call is allowed, so the
+        restore itself happens in :meth:`_restore_pending` right after the poll returns.
+        """
+        metrics.REBALANCES.inc()
         log.info("event=partitions_assigned partitions=%s", ",".join(map(str, partitions)))
+        if partitions and self.source is not None and self.settings.state.changelog:
+            self.source.pause(partitions)
+            self._to_restore.update(partitions)
+            self.health.restoring = True
+        metrics.ASSIGNED.set(len(self.source.assignment()) if self.source else len(partitions))
+        self.health.assigned = True
+
+    def _restore_pending(self) -> None:
+        assert self.source is not None
+        partitions = sorted(self._to_restore & set(self.source.assignment()))
+        if partitions:
+            try:
+                self._restore(self.source.committed(partitions))
+            except BrokerError as exc:  # stay paused; the next loop tries again
+                log.warning("event=restore_failed partitions=%s error=%s", partitions, exc)
+                self.stop_event.wait(1.0)
+                return
+            self.source.resume(partitions)
+        self._to_restore.clear()
+        self.health.restoring = False
 
     def _on_revoked(self, partitions: list[int]) -> None:
         topic = self.settings.kafka.input_topic
         if self.source is not None:
             self.source.forget(partitions)
+        self._to_restore.difference_update(partitions)
+        dropped = self.keeper.drop(partitions) if self.settings.state.changelog else 0
+        metrics.ACTIVE_STREAMS.set(len(self.engine.store))
         for p in partitions:
             # KeyError: never exported, no lag reading arrived while it was assigned.
             with contextlib.suppress(KeyError):
                 metrics.LAG.remove(topic, str(p))
-        log.info("event=partitions_revoked partitions=%s", ",".join(map(str, partitions)))
+        log.info(
+            "event=partitions_revoked partitions=%s streams_dropped=%d",
+            ",".join(map(str, partitions)), dropped,
+        )  # fmt: skip
 
     def _close(self) -> None:
         try:
-            if self.sink is not None:
+            if self.sink is not None and not self.exactly_once:
                 self.sink.flush()
         except BrokerError as exc:
             log.warning("event=final_flush_failed error=%s", exc)

@@ -44,6 +44,7 @@ class ForecastBatch:
     # both divided by the stream's scale (scale-free, so streams of any size can be averaged).
     error: F64 = field(default_factory=lambda: np.zeros(0))
     persistence_error: F64 = field(default_factory=lambda: np.zeros(0))
+    touched: Sequence[str] = ()  # distinct streams whose state this batch changed
     waves: int = 0  # batched model steps taken
     model_seconds: float = 0.0  # wall time inside the model steps
     resets: int = 0  # streams whose state turned non-finite and was reset
@@ -85,6 +86,8 @@ class Engine:
         slot_of_tick = self.store.slots_for(streams)[stream_index]  # (N,)
         values = np.array([t.values for t in ticks], dtype=np.float64)  # (N, F)
         ts = np.fromiter((t.ts for t in ticks), dtype=np.float64, count=n)
+        partition = np.fromiter((t.source.partition for t in ticks), dtype=np.int64, count=n)
+        offset = np.fromiter((t.source.offset for t in ticks), dtype=np.int64, count=n)
         order = np.argsort(rank, kind="stable")  # wave by wave, input order inside a wave
         bounds = np.searchsorted(rank[order], np.arange(int(rank.max()) + 2))
         model_seconds, resets = 0.0, 0
@@ -105,9 +108,11 @@ class Engine:
             resets += bad
             forecast[rows], warm[rows] = out
             seq[rows] = self.store.seq[slots]
+            self.store.mark(slots, partition[rows], offset[rows])
         stats = {
             "error": np.concatenate([e for e, _ in scored]) if scored else np.zeros(0),
             "persistence_error": np.concatenate([b for _, b in scored]) if scored else np.zeros(0),
+            "touched": streams,
             "waves": len(bounds) - 1,
             "model_seconds": model_seconds,
             "resets": resets,

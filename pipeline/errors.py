@@ -47,3 +47,17 @@ class DataError(PipelineError):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
+
+
+class FencedError(BrokerError):
+    """Another instance with the same transactional id took over: this one must stop."""
+
+    exit_code = 6
+
+
+class TransactionFailed(PipelineError):
+    """A micro-batch's transaction was aborted or hung; its effects must be redone."""
+
+
+class TransactionsUnsupported(BrokerError):
+    """The cluster refuses transactions: exactly-once falls back to at-least-once."""

@@ -50,7 +50,10 @@ def probe(kafka: KafkaSettings, timeout_s: float = 2.0) -> None:
 
 
 def ensure_topics(
-    kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None
+    kafka: KafkaSettings,
+    topics: Iterable[str],
+    partitions: int | None = None,
+    configs: dict[str, str] | None = None,
 ) -> list[str]:
     """Create those of ``topics`` that do not exist; returns the names created."""
     try:
@@ -64,7 +67,13 @@ def ensure_topics(
         existing = set(admin.list_topics())
         wanted = [t for t in dict.fromkeys(topics) if t not in existing]
         new = [
-            NewTopic(t, partitions or kafka.partitions, kafka.replication_factor) for t in wanted
+            NewTopic(
+                t,
+                partitions or kafka.partitions,
+                kafka.replication_factor,
+                topic_configs=configs or {},
+            )
+            for t in wanted
         ]
         created: list[str] = []
         for topic in new:

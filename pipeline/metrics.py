@@ -109,6 +109,29 @@ REDELIVERED = Counter(
 TOPICS_RECREATED = Counter(
     "pipeline_topics_recreated_total", "Topics found missing while running and created again."
 )
+EVICTED = Counter("pipeline_streams_evicted_total", "Streams evicted (idle TTL or stream cap).")
+RESTORED = Counter("pipeline_streams_restored_total", "Stream states restored from the changelog.")
+RESTORE_SECONDS = Histogram(
+    "pipeline_restore_seconds",
+    "Time to restore the state of newly assigned partitions from the changelog.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+REBALANCES = Counter("pipeline_rebalances_total", "Partition assignments received from the group.")
+ASSIGNED = Gauge("pipeline_assigned_partitions", "Input partitions assigned to this instance.")
+TRANSACTIONS = Counter(
+    "pipeline_transactions_total",
+    "Micro-batch transactions by outcome (committed, aborted).",
+    ["outcome"],
+)
+GUARANTEE = Info("pipeline_processing", "The processing guarantee in force.")
+MODEL_RELOADS = Counter(
+    "pipeline_model_reloads_total",
+    "Model reloads by outcome: kept_state (same shapes), rewarmed (hidden state reset), failed.",
+    ["outcome"],
+)
+STREAMS_REWARMED = Counter(
+    "pipeline_streams_rewarmed_total", "Streams whose hidden state was reset by a model reload."
+)
 LAG = Gauge(
     "pipeline_consumer_lag_records",
     "High watermark minus the consumer position, per assigned input partition.",

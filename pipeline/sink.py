@@ -1,26 +1,33 @@
-"""Writing results: forecasts to the output topic, rejections to the dead-letter topic.
+"""Writing results: forecasts, dead letters and per-stream state (the changelog).
 
-Sends are asynchronous; :meth:`Sink.flush` waits for every acknowledgement. If any send of the
-micro-batch failed (a broker restart, say), the producer is rebuilt and the whole batch is sent
-again until it goes through or the daemon is asked to stop: the daemon commits input offsets only
-for outputs the broker holds. A resent batch can duplicate records that did get through; they
-carry the same ``seq`` and readers drop them.
+Two modes:
+
+- **at-least-once** (no ``transactional_id``): sends are asynchronous; :meth:`Sink.flush` waits
+  for every acknowledgement. If any send of the micro-batch failed (a broker restart, say), the
+  producer is rebuilt and the whole batch is sent again until it goes through or the daemon is
+  asked to stop; the daemon then commits the input offsets itself. A resent batch can duplicate
+  records that did get through; they carry the same ``seq`` and readers drop them.
+- **exactly-once** (a ``transactional_id``): :meth:`Sink.begin` opens a transaction,
+  :meth:`Sink.commit` adds the consumer offsets to it and commits. Any failure aborts (or
+  abandons a hung commit) and raises :class:`TransactionFailed`: the caller must rewind to the
+  committed offsets and restore state. A fenced producer raises :class:`FencedError`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka import KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, ProducerFencedError, UnsupportedVersionError
 from kafka.producer.future import FutureRecordMetadata
+from kafka.structs import OffsetAndMetadata
 
 from pipeline import metrics
 from pipeline.config import KafkaSettings
 from pipeline.engine import ForecastBatch
-from pipeline.errors import BrokerError
+from pipeline.errors import BrokerError, FencedError, TransactionFailed, TransactionsUnsupported
 from pipeline.kafka_admin import client_options
 from pipeline.messages import Rejection, encode_forecast
 
@@ -35,30 +42,47 @@ MAX_BACKOFF_S = 10.0
 class Sink:
     """Producer for forecasts and dead letters (at-least-once)."""
 
-    def __init__(self, kafka: KafkaSettings, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        stop: threading.Event | None = None,
+        *,
+        transactional_id: str | None = None,
+        changelog_topic: str | None = None,
+    ) -> None:
         self.kafka = kafka
         self.output_topic = kafka.output_topic
         self.dlq_topic = kafka.dlq_topic
+        self.changelog_topic = changelog_topic
+        self.transactional_id = transactional_id
         self.stop = stop or threading.Event()
         self.producer = self._new_producer()
+        if transactional_id:
+            self._init_transactions()
         self._batch: list[OutRecord] = []
         self._pending: list[FutureRecordMetadata] = []
         self._broken: str | None = None  # a send() that raised: the batch must be resent
+        self._batch_state: list[tuple[int, bytes, bytes | None]] = []
+        self._needs_rebuild = False  # a failed transaction left no usable producer
 
     def _new_producer(self) -> KafkaProducer:
         kafka = self.kafka
+        mode: dict[str, object] = (
+            {"transactional_id": self.transactional_id, "enable_idempotence": True}
+            if self.transactional_id
+            # Idempotence breaks for good on a broker restart with Tansu; ordering is kept by
+            # allowing one in-flight request per connection instead.
+            else {"enable_idempotence": False, "max_in_flight_requests_per_connection": 1}
+        )
         try:
             return KafkaProducer(
                 **client_options(kafka),
+                **mode,
                 acks="all",
                 linger_ms=kafka.linger_ms,
                 compression_type=None
                 if kafka.compression_type == "none"
                 else kafka.compression_type,
-                # Idempotence breaks for good on a broker restart with Tansu; ordering is kept
-                # by allowing one in-flight request per connection instead.
-                enable_idempotence=False,
-                max_in_flight_requests_per_connection=1,
                 retries=5,
                 max_block_ms=10_000,
             )
@@ -94,6 +118,25 @@ class Sink:
         self._batch.extend(records)
         self._dispatch(records)
 
+    def send_state(self, records: Sequence[tuple[int, bytes, bytes | None]]) -> None:
+        """Queue changelog records ``(partition, stream key, snapshot or None)``; None = tombstone.
+
+        The partition is given explicitly: the state of input partition p lives in changelog
+        partition p whatever partitioner the input's producers used.
+        """
+        topic = self.changelog_topic
+        if topic is None or not records:
+            return
+        send, pending = self.producer.send, self._pending
+        self._batch_state.extend(records)
+        if self._broken is not None:
+            return
+        try:
+            for partition, key, value in records:
+                pending.append(send(topic, key=key, value=value, partition=partition))
+        except KafkaError as exc:
+            self._broken = repr(exc)
+
     def send_dead_letters(self, rejections: Sequence[Rejection]) -> None:
         """Queue each rejection with its original key and value bytes and reason headers."""
         records = [(self.dlq_topic, r.key, r.value, r.headers()) for r in rejections]
@@ -109,7 +152,7 @@ class Sink:
         while True:
             failed = self._wait(timeout_s)
             if failed is None:
-                self._batch = []
+                self._batch, self._batch_state = [], []
                 return
             attempt += 1
             metrics.SEND_RETRIES.inc()
@@ -149,6 +192,103 @@ class Sink:
             log.warning("event=producer_rebuild_failed error=%s", exc)
             return  # the next flush attempt fails fast and backs off again
         self._dispatch(self._batch)
+        state, self._batch_state = self._batch_state, []
+        self.send_state(state)
+
+    # -- exactly-once -------------------------------------------------------------------------
+
+    def _init_transactions(self) -> None:
+        try:
+            self.producer.init_transactions()
+        except ProducerFencedError as exc:
+            raise FencedError(f"transactional id {self.transactional_id!r} is fenced") from exc
+        except UnsupportedVersionError as exc:
+            raise TransactionsUnsupported(f"the broker refuses transactions: {exc!r}") from exc
+        except KafkaError as exc:
+            raise BrokerError(f"cannot initialise transactions: {exc!r}") from exc
+
+    def begin(self) -> None:
+        """Open the micro-batch's transaction (exactly-once mode only).
+
+        Raises BrokerError if the producer, lost in an earlier failure, cannot be rebuilt yet.
+        """
+        if not self.transactional_id:
+            return
+        if self._needs_rebuild:
+            self._abandon()
+            self._needs_rebuild = False
+        self._guard(self.producer.begin_transaction)
+
+    def commit(self, offsets: dict[str, dict[int, int]], group_metadata: object) -> None:
+        """Add ``{topic: {partition: next offset}}`` to the transaction and commit it."""
+        assert self.transactional_id
+        if self._broken is not None:
+            self._fail(self._broken)
+        tp_offsets = {
+            TopicPartition(topic, p): OffsetAndMetadata(o, "", -1)
+            for topic, parts in offsets.items()
+            for p, o in parts.items()
+        }
+        self._guard(lambda: self.producer.send_offsets_to_transaction(tp_offsets, group_metadata))
+        self._guard(
+            self.producer.commit_transaction, timeout_s=self.kafka.transaction_timeout_ms / 1000
+        )
+        self._pending, self._batch, self._batch_state = [], [], []
+
+    def _guard(self, call: Callable[[], object], timeout_s: float | None = None) -> None:
+        """Run a transactional call; fencing stops the daemon, anything else fails the batch."""
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                call()
+            except BaseException as exc:  # re-raised below in the caller's thread
+                error.append(exc)
+
+        if timeout_s is None:
+            run()
+        else:  # commit_transaction can hang for minutes after a broker restart
+            worker = threading.Thread(target=run, name="txn-commit", daemon=True)
+            worker.start()
+            worker.join(timeout_s)
+            if worker.is_alive():
+                self._abandon()
+                raise TransactionFailed(f"transaction commit hung for {timeout_s:.0f}s")
+        if not error:
+            return
+        exc = error[0]
+        if isinstance(exc, ProducerFencedError):
+            raise FencedError(
+                f"transactional id {self.transactional_id!r} was fenced: another instance with "
+                "the same kafka.instance_id took over; this one stops"
+            ) from exc
+        if isinstance(exc, KafkaError):
+            self._fail(repr(exc))
+        raise exc
+
+    def _fail(self, why: str) -> None:
+        """Abort, then start over with a fresh producer: kafka-python keeps a producer whose
+        transactional request failed in an error state that an abort does not always clear."""
+        self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
+        try:
+            self.producer.abort_transaction()
+        except KafkaError:
+            log.debug("event=abort_failed", exc_info=True)
+        try:
+            self._abandon()
+        except BrokerError as exc:
+            log.warning("event=producer_rebuild_failed error=%s", exc)
+            self._needs_rebuild = True
+        raise TransactionFailed(f"transaction aborted: {why}")
+
+    def _abandon(self) -> None:
+        """Drop a wedged transactional producer and start a fresh one with the same id."""
+        try:
+            self.producer.close(timeout=0)
+        except Exception:  # a wedged producer can fail to close in many ways; it is discarded
+            log.debug("event=producer_close_failed", exc_info=True)
+        self.producer = self._new_producer()
+        self._init_transactions()
 
     def close(self) -> None:
         try:

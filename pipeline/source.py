@@ -8,6 +8,7 @@ partition, plus the offsets to commit once the batch's outputs are safely produc
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from pipeline.errors import BrokerError
 from pipeline.kafka_admin import client_options
 from pipeline.messages import Rejection, Tick, decode
 from pipeline.messages import Source as RecordSource
+from pipeline.state import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,35 @@ class Source:
             return False
         return True
 
+    def committed(self, partitions: list[int]) -> dict[int, int]:
+        """Committed offset (next to process) per partition; 0 where nothing is committed."""
+        out = {}
+        try:
+            for p in partitions:
+                offset = self.consumer.committed(TopicPartition(self.topic, p))
+                out[p] = int(offset) if offset is not None else 0
+        except KafkaError as exc:
+            raise BrokerError(f"cannot read committed offsets: {exc!r}") from exc
+        return out
+
+    def rewind(self, partitions: list[int]) -> dict[int, int]:
+        """Seek ``partitions`` back to their committed offsets (after an aborted batch)."""
+        committed = self.committed(partitions)
+        for p, offset in committed.items():
+            self.consumer.seek(TopicPartition(self.topic, p), offset)
+        self.forget(partitions)
+        return committed
+
+    def pause(self, partitions: list[int]) -> None:
+        """Stop fetching ``partitions`` (safe inside a rebalance callback)."""
+        self.consumer.pause(*[TopicPartition(self.topic, p) for p in partitions])
+
+    def resume(self, partitions: list[int]) -> None:
+        self.consumer.resume(*[TopicPartition(self.topic, p) for p in partitions])
+
+    def group_metadata(self) -> object:
+        return self.consumer.group_metadata()
+
     def topics(self) -> set[str] | None:
         """Topic names the cluster knows now (fresh metadata); None if it cannot be asked."""
         try:
@@ -176,3 +207,75 @@ class Source:
             self.consumer.close(autocommit=False)
         except KafkaError:
             log.warning("event=consumer_close_failed", exc_info=True)
+
+
+def read_changelog(
+    kafka: KafkaSettings, topic: str, committed: dict[int, int], timeout_s: float = 120.0
+) -> tuple[dict[str, Snapshot | None], int]:
+    """The latest valid state per stream in changelog partitions ``committed.keys()``.
+
+    A record is valid only if the input offset it reflects is below that partition's committed
+    offset: later records come from a batch whose transaction aborted or never committed (the
+    test broker shows them to read_committed readers). Tombstones map to None. Returns the map
+    and the number of records read.
+    """
+    if not committed:
+        return {}, 0
+    try:
+        return _read_changelog(kafka, topic, committed, timeout_s)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read changelog {topic}: {exc!r}") from exc
+
+
+def _read_changelog(
+    kafka: KafkaSettings, topic: str, committed: dict[int, int], timeout_s: float
+) -> tuple[dict[str, Snapshot | None], int]:
+    reader = KafkaConsumer(
+        **client_options(kafka),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        fetch_max_wait_ms=100,
+        max_poll_records=50_000,
+    )
+    latest: dict[str, Snapshot | None] = {}
+    count = 0
+    try:
+        existing = reader.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in committed if p in existing]
+        if not tps:
+            return latest, 0  # no changelog (yet): every stream starts cold
+        reader.assign(tps)
+        reader.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        while not _caught_up(reader, tps):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"changelog {topic} not read within {timeout_s:.0f}s")
+            for tp, records in reader.poll(timeout_ms=200).items():
+                limit = committed[tp.partition]
+                for rec in records:
+                    count += 1
+                    key = rec.key.decode("utf-8", "replace") if rec.key else ""
+                    if rec.value is None:
+                        latest[key] = None
+                        continue
+                    try:
+                        snap = Snapshot.decode(rec.value)
+                    except ValueError:
+                        log.warning("event=bad_changelog_record partition=%d offset=%d",
+                                    tp.partition, rec.offset)  # fmt: skip
+                        continue
+                    if snap.offset < limit:
+                        latest[key] = snap
+    finally:
+        reader.close()
+    return latest, count
+
+
+def _caught_up(reader: KafkaConsumer, tps: list[TopicPartition]) -> bool:
+    # highwater() comes from fetch responses (end_offsets() is wrong on Tansu); None = no fetch yet
+    for tp in tps:
+        high = reader.highwater(tp)
+        if high is None or reader.position(tp) < high:
+            return False
+    return True

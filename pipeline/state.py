@@ -1,20 +1,61 @@
 """Per-stream state: stream id → slot, and every slot's numbers in preallocated arrays.
 
 Hidden states live in one torch tensor per layer (``(capacity, S_l)``), normalizer statistics in
-numpy arrays owned by :class:`~pipeline.normalize.Normalizer`, plus each stream's ``seq`` (ticks
-processed). Capacity doubles when full; freed slots are reused. Reads never create state: only
-:meth:`StateStore.slots_for` (the write path) allocates.
+numpy arrays owned by :class:`~pipeline.normalize.Normalizer`, plus per slot: ``seq`` (ticks
+processed), the last one-step forecast (scored when the next tick comes), the input partition and
+offset of the stream's newest tick, and the wall time it was seen. Capacity doubles when full;
+freed slots are reused. Reads never create state: only :meth:`StateStore.slots_for` allocates.
+
+:meth:`StateStore.snapshot` turns one stream's state into bytes for the changelog topic:
+
+    header  <B i q q d H H>  format version, partition, offset, seq, prev forecast,
+                             count of normalizer floats, count of hidden floats
+    body    float64 × n_norm (normalizer), float32 × n_hidden (hidden states, layer by layer)
+
+``offset`` is the input offset of the newest tick folded into the state: a restore keeps a
+record only if that offset is below the partition's committed offset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from pipeline.normalize import F64, I64, Normalizer, NormalizerConfig
+
+SNAPSHOT_VERSION = 1
+_HEADER = struct.Struct("<BiqqdHH")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A decoded changelog value (see the module docstring)."""
+
+    partition: int
+    offset: int
+    seq: int
+    prev_forecast: float
+    normalizer: list[float]
+    hidden: bytes  # float32, layer by layer; empty if the model's shapes changed
+
+    @staticmethod
+    def decode(blob: bytes) -> Snapshot:
+        """Parse a changelog value; raises ValueError on an unknown version or a short body."""
+        if len(blob) < _HEADER.size or blob[0] != SNAPSHOT_VERSION:
+            raise ValueError(f"not a v{SNAPSHOT_VERSION} stream snapshot ({len(blob)} bytes)")
+        _, partition, offset, seq, prev, n_norm, n_hidden = _HEADER.unpack_from(blob)
+        body = memoryview(blob)[_HEADER.size :]
+        if len(body) != 8 * n_norm + 4 * n_hidden:
+            raise ValueError("stream snapshot body has the wrong length")
+        norm = list(struct.unpack_from(f"<{n_norm}d", body))
+        return Snapshot(partition, offset, seq, prev, norm, bytes(body[8 * n_norm :]))
 
 
 class StateStore:
@@ -34,9 +75,21 @@ class StateStore:
         # The one-step forecast made at each stream's latest tick (NaN: none yet), scored when
         # the next tick arrives.
         self.prev_forecast: F64 = np.full(capacity, np.nan)
+        self.partition: I64 = np.full(capacity, -1, dtype=np.int64)
+        self.offset: I64 = np.full(capacity, -1, dtype=np.int64)
+        self.seen_at: F64 = np.zeros(capacity)  # wall time (epoch s) of the newest tick
         self.slot_of: dict[str, int] = {}
         self.stream_at: list[str | None] = [None] * capacity
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+
+    _SLOT_ARRAYS = ("seq", "prev_forecast", "partition", "offset", "seen_at")
+    _FILL: ClassVar[dict[str, float]] = {
+        "seq": 0,
+        "prev_forecast": np.nan,
+        "partition": -1,
+        "offset": -1,
+        "seen_at": 0.0,
+    }
 
     @property
     def capacity(self) -> int:
@@ -69,11 +122,13 @@ class StateStore:
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
-        self.hidden = [torch.cat([h, torch.zeros(capacity - old, h.shape[1])]) for h in self.hidden]
+        extra = capacity - old
+        self.hidden = [torch.cat([h, torch.zeros(extra, h.shape[1])]) for h in self.hidden]
         self.normalizer.grow(capacity)
-        self.seq = np.concatenate([self.seq, np.zeros(capacity - old, dtype=np.int64)])
-        self.prev_forecast = np.concatenate([self.prev_forecast, np.full(capacity - old, np.nan)])
-        self.stream_at.extend([None] * (capacity - old))
+        for name in self._SLOT_ARRAYS:
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.full(extra, self._FILL[name], arr.dtype)]))
+        self.stream_at.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
 
     def reset(self, slots: I64) -> None:
@@ -84,20 +139,91 @@ class StateStore:
         self.normalizer.reset(slots)
         self.prev_forecast[slots] = np.nan
 
+    def reset_hidden(self) -> None:
+        """Zero every stream's hidden state (a model with other shapes took over)."""
+        self.hidden = [torch.zeros(self.capacity, s) for s in self.state_sizes]
+
     def evict(self, stream: str) -> bool:
         """Drop a stream's state and free its slot; False if it had none."""
         slot = self.slot_of.pop(stream, None)
         if slot is None:
             return False
-        slots = np.array([slot], dtype=np.int64)
-        self.reset(slots)
-        self.seq[slot] = 0
+        self.reset(np.array([slot], dtype=np.int64))
+        for name in self._SLOT_ARRAYS:
+            getattr(self, name)[slot] = self._FILL[name]
         self.stream_at[slot] = None
         self._free.append(slot)
+        return True
+
+    def mark(self, slots: I64, partitions: I64, offsets: I64) -> None:
+        """Record where each stream's newest tick came from, and when it was seen."""
+        self.partition[slots] = partitions
+        self.offset[slots] = offsets
+        self.seen_at[slots] = time.time()
+
+    def streams_of(self, partitions: Iterable[int]) -> list[str]:
+        """Streams whose newest tick came from one of ``partitions``."""
+        wanted = np.isin(self.partition, np.fromiter(partitions, dtype=np.int64))
+        return [s for s in (self.stream_at[i] for i in np.flatnonzero(wanted)) if s is not None]
+
+    def idle(self, before_event_ts: float | None, before_wall: float | None) -> list[str]:
+        """Streams whose newest tick is older than the given event time or wall time."""
+        live = np.array([s is not None for s in self.stream_at])
+        old = np.zeros(self.capacity, dtype=bool)
+        if before_event_ts is not None:
+            old |= self.normalizer.last_ts < before_event_ts
+        if before_wall is not None:
+            old |= self.seen_at < before_wall
+        return [self.stream_at[i] or "" for i in np.flatnonzero(live & old)]
+
+    def oldest(self, n: int) -> list[str]:
+        """The ``n`` streams seen longest ago (wall time), for the stream cap."""
+        slots = np.array(list(self.slot_of.values()), dtype=np.int64)
+        if n <= 0 or len(slots) == 0:
+            return []
+        pick = slots[np.argsort(self.seen_at[slots], kind="stable")[:n]]
+        return [self.stream_at[i] or "" for i in pick]
+
+    def snapshot(self, stream: str) -> bytes:
+        """One stream's state as a changelog value (see the module docstring)."""
+        slot = self.slot_of[stream]
+        norm = self.normalizer.snapshot(slot)
+        hidden = b"".join(h[slot].numpy().tobytes() for h in self.hidden)
+        header = _HEADER.pack(
+            SNAPSHOT_VERSION,
+            int(self.partition[slot]),
+            int(self.offset[slot]),
+            int(self.seq[slot]),
+            float(self.prev_forecast[slot]),
+            len(norm),
+            sum(self.state_sizes),
+        )
+        return header + struct.pack(f"<{len(norm)}d", *norm) + hidden
+
+    def restore(self, stream: str, snap: Snapshot) -> bool:
+        """Install a decoded snapshot as ``stream``'s state.
+
+        Returns False if the hidden state does not fit this model (it then starts cold while
+        the statistics and ``seq`` are kept). Raises ValueError if the statistics do not fit.
+        """
+        slot = self.slots_for([stream])[0]
+        self.normalizer.restore(slot, snap.normalizer)
+        self.seq[slot], self.prev_forecast[slot] = snap.seq, snap.prev_forecast
+        self.partition[slot], self.offset[slot] = snap.partition, snap.offset
+        self.seen_at[slot] = time.time()
+        width = sum(self.state_sizes)
+        if len(snap.hidden) != 4 * width:
+            for h in self.hidden:
+                h[slot] = 0.0
+            return False
+        flat = torch.from_numpy(np.frombuffer(snap.hidden, dtype=np.float32).copy())
+        for h, part in zip(self.hidden, torch.split(flat, self.state_sizes), strict=True):
+            h[slot] = part
         return True
 
     def state_bytes(self) -> int:
         """Bytes held by per-slot arrays (all capacity, not only live streams)."""
         tensors = sum(h.element_size() * h.nelement() for h in self.hidden)
         norm = sum(getattr(self.normalizer, f).nbytes for f in self.normalizer.FIELDS)
-        return int(tensors + norm + self.seq.nbytes + self.prev_forecast.nbytes)
+        slots = sum(getattr(self, name).nbytes for name in self._SLOT_ARRAYS)
+        return int(tensors + norm + slots)

@@ -1,0 +1,145 @@
+"""Crash and rebalance: state survives, forecasts equal an uninterrupted run (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import pytest
+from kafka import KafkaProducer
+
+from tests.kafka_helpers import DaemonProcess, create_topics, read_topic, unique
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000.0
+STREAMS = 200
+TICKS = 30  # per stream
+
+
+def _feed(bootstrap: str, topic: str, done: threading.Event, seconds: float) -> None:
+    """Streams TICKS rounds of STREAMS ticks over ~``seconds``, keyed by stream."""
+    rng = random.Random(11)
+    scale = {s: 10 ** rng.uniform(-3, 5) for s in range(STREAMS)}
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, enable_idempotence=False,
+                             max_in_flight_requests_per_connection=1)  # fmt: skip
+    for t in range(TICKS):
+        for s in range(STREAMS):
+            value = scale[s] * (1 + 0.2 * math.sin(t / 4 + s) + 0.05 * rng.gauss(0, 1))
+            doc = {"ts": T0 + 60 * t, "value": value}
+            producer.send(topic, key=f"st{s:03d}".encode(), value=json.dumps(doc).encode())
+        producer.flush()
+        time.sleep(seconds / TICKS)
+    producer.close()
+    done.set()
+
+
+def _args(bootstrap: str, inp: str, out: str, group: str) -> list[str]:
+    return ["--bootstrap-servers", bootstrap, "--input-topic", inp, "--output-topic", out,
+            "--dlq-topic", unique("dlq"), "--group-id", group, "--metrics-port", "0",
+            "--no-sample-feed"]  # fmt: skip
+
+
+def _by_key(records: list) -> dict[tuple[str, int], list[list[float]]]:
+    out: dict[tuple[str, int], list[list[float]]] = defaultdict(list)
+    for rec in records:
+        doc = rec.json()
+        out[(doc["stream"], doc["seq"])].append(doc["forecast"])
+    return out
+
+
+def _check_against_reference(got: dict, ref: dict) -> None:
+    assert len(ref) == STREAMS * TICKS
+    per_stream: dict[str, list[int]] = defaultdict(list)
+    for stream, seq in got:
+        per_stream[stream].append(seq)
+    for stream in {s for s, _ in ref}:
+        assert sorted(per_stream[stream]) == list(range(1, TICKS + 1)), stream  # no gap
+    for key, copies in got.items():
+        expected = ref[key][0]
+        for forecast in copies:  # every copy, repeats included, equals the uninterrupted run
+            for u, v in zip(forecast, expected, strict=True):
+                assert u == pytest.approx(v, rel=1e-5, abs=1e-5 * abs(v)), key
+
+
+def _run(bootstrap: str, start_daemon: Callable[..., DaemonProcess], chaos: Callable) -> None:
+    inp, out_a, out_ref = unique("ticks"), unique("fc"), unique("ref")
+    create_topics(bootstrap, [inp], 6)
+    group, ref_group = unique("g"), unique("ref")
+    reference = start_daemon(_args(bootstrap, inp, out_ref, ref_group),
+                             env={"PIPELINE_KAFKA__INSTANCE_ID": "reference"})  # fmt: skip
+    done = threading.Event()
+    feeder = threading.Thread(target=_feed, args=(bootstrap, inp, done, 45.0), daemon=True)
+    feeder.start()
+    survivors = chaos(lambda instance: start_daemon(
+        _args(bootstrap, inp, out_a, group), env={"PIPELINE_KAFKA__INSTANCE_ID": instance}
+    ), done)  # fmt: skip
+    feeder.join(timeout=120)
+    ref = _by_key(read_topic(bootstrap, out_ref, STREAMS * TICKS, timeout_s=120))
+    got_records = read_topic(bootstrap, out_a, STREAMS * TICKS, timeout_s=120)
+    # Repeats may exist (replayed batches); read on until every (stream, seq) is there.
+    deadline = time.monotonic() + 60
+    while len(_by_key(got_records)) < STREAMS * TICKS and time.monotonic() < deadline:
+        got_records = read_topic(bootstrap, out_a, len(got_records) + 1, timeout_s=5)
+    _check_against_reference(_by_key(got_records), ref)
+    for proc in [*survivors, reference]:
+        assert proc.proc.poll() is None, proc.log()[-2000:]
+
+
+def test_sigkill_five_times_then_same_forecasts(
+    bootstrap: str, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    rng = random.Random(5)
+
+    killed: list[DaemonProcess] = []
+
+    def chaos(start: Callable[[str], DaemonProcess], done: threading.Event) -> list[DaemonProcess]:
+        daemon = start("crashy")
+        for _ in range(5):
+            daemon.wait_for("event=state_restored", timeout_s=60)  # assigned and running
+            time.sleep(rng.uniform(1.0, 3.0))  # mid-stream: some batches committed, one open
+            daemon.stop(signal.SIGKILL)
+            killed.append(daemon)
+            daemon = start("crashy")  # same instance id: fences and recovers the open txn
+        return [daemon]
+
+    _run(bootstrap, start_daemon, chaos)
+    # The kills really hit a working daemon: later incarnations restored state from the changelog.
+    restored = [_restored_streams(d) for d in killed[1:]]
+    assert sum(restored) > 0, restored
+    assert all("event=partitions_assigned partitions=0" in d.log() for d in killed)
+
+
+def test_three_instances_join_then_one_dies(
+    bootstrap: str, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    members: list[DaemonProcess] = []
+
+    def chaos(start: Callable[[str], DaemonProcess], done: threading.Event) -> list[DaemonProcess]:
+        for name in ("r1", "r2", "r3"):
+            members.append(start(name))
+            members[-1].wait_for("event=state_restored", timeout_s=60)
+            time.sleep(4)
+        members[1].stop(signal.SIGKILL)
+        return [members[0], members[2]]
+
+    _run(bootstrap, start_daemon, chaos)
+    # Every member did work, and the partitions moved with their state.
+    for member in members:
+        assigned = [ln for ln in member.log().splitlines() if "event=partitions_assigned" in ln]
+        assert any(not ln.endswith("partitions=") for ln in assigned), member.log()[-2000:]
+    assert _restored_streams(members[1]) + _restored_streams(members[2]) > 0
+
+
+def _restored_streams(daemon: DaemonProcess) -> int:
+    total = 0
+    for line in daemon.log().splitlines():
+        if "event=state_restored" in line:
+            total += int(line.split("streams=")[1].split()[0])
+    return total

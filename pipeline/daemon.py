@@ -16,16 +16,22 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from pipeline import metrics
 from pipeline.checkpoint import StateKeeper
 from pipeline.config import Settings
 from pipeline.engine import Engine, ForecastBatch
-from pipeline.errors import BrokerError, TransactionFailed, TransactionsUnsupported
+from pipeline.errors import (
+    BrokerError,
+    PipelineError,
+    TransactionFailed,
+    TransactionsUnsupported,
+)
 from pipeline.kafka_admin import ensure_topics, partitions_of, probe
 from pipeline.messages import Reason, Rejection, Tick
-from pipeline.model import LoadedModel
+from pipeline.model import LoadedModel, load_model
 from pipeline.quality import Quality
 from pipeline.sink import Sink
 from pipeline.source import Polled, Source
@@ -69,6 +75,10 @@ class Daemon:
         self.exactly_once = settings.kafka.processing_guarantee == "exactly_once"
         self._to_restore: set[int] = set()  # assigned partitions paused until state is restored
         self._needs_recover = False  # a transaction failed: rewind and restore before going on
+        self.model_path = loaded.path
+        self._model_mtime = _mtime(loaded.path)
+        self._next_model_check = time.monotonic() + settings.model.watch_seconds
+        self._reload_requested = False
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if not self.stop_event.is_set():
@@ -78,20 +88,43 @@ class Daemon:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    def request_reload(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self._reload_requested = True
+
+    def _maybe_reload(self, now: float) -> None:
+        """Reload on SIGHUP, or when the model file's mtime changed (checked periodically)."""
+        path = self.model_path
+        if not self._reload_requested and (
+            self.settings.model.watch_seconds <= 0 or now < self._next_model_check
+        ):
+            return
+        self._next_model_check = now + self.settings.model.watch_seconds
+        mtime = _mtime(path)
+        if not self._reload_requested and mtime == self._model_mtime:
+            return
+        self._reload_requested, self._model_mtime = False, mtime
+        try:
+            outcome = self.engine.swap_model(load_model(path))
+        except (PipelineError, ValueError) as exc:
+            metrics.MODEL_RELOADS.labels("failed").inc()
+            log.warning(
+                "event=model_reload_failed path=%s error=%s action=keep_serving_old", path, exc
+            )
+            return
+        metrics.MODEL_RELOADS.labels(outcome).inc()
+        if outcome == "rewarmed":
+            metrics.STREAMS_REWARMED.inc(len(self.engine.store))
+        self._publish_model_info()
+        log.info("event=model_reloaded version=%s outcome=%s streams=%d", self.engine.version,
+                 outcome, len(self.engine.store))  # fmt: skip
 
     def run(self) -> None:
         """Run until :meth:`request_stop`; always flushes, commits and closes on the way out."""
         kafka = self.settings.kafka
         meta = self.engine.meta
-        metrics.MODEL_INFO.info(
-            {
-                "version": meta.version,
-                "name": meta.name,
-                "cell": meta.config.cell,
-                "horizon": str(meta.config.horizon),
-                "config_hash": self.settings.fingerprint(),
-            }
-        )
+        self._publish_model_info()
         if not self._connect():
             return
         log.info(
@@ -107,6 +140,18 @@ class Daemon:
                 self.step(timeout_ms=200)
         finally:
             self._close()
+
+    def _publish_model_info(self) -> None:
+        meta = self.engine.meta
+        metrics.MODEL_INFO.info(
+            {
+                "version": meta.version,
+                "name": meta.name,
+                "cell": meta.config.cell,
+                "horizon": str(meta.config.horizon),
+                "config_hash": self.settings.fingerprint(),
+            }
+        )
 
     def _connect(self) -> bool:
         """Reach the broker, create topics, build source and sink; retry with backoff.
@@ -208,6 +253,7 @@ class Daemon:
             self._next_topic_check = now + TOPIC_CHECK_INTERVAL_S
         if polled.skipped:
             metrics.REDELIVERED.inc(polled.skipped)
+        self._maybe_reload(now)
         if self._to_restore:
             self._restore_pending()
         if self._needs_recover:
@@ -438,3 +484,10 @@ def _late_rejection(tick: Tick) -> Rejection:
     """A late tick as a dead letter with its original bytes."""
     detail = f"ts {tick.ts} is older than the newest tick of stream {tick.stream!r}"
     return Rejection(Reason.LATE, detail, tick.raw_key, tick.raw_value, tick.source)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

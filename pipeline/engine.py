@@ -73,6 +73,33 @@ class Engine:
     def version(self) -> str:
         return self.meta.version
 
+    def swap_model(self, loaded: LoadedModel) -> Literal["kept_state", "rewarmed"]:
+        """Serve ``loaded`` from the next batch on (hot reload).
+
+        Policy: same state shapes and normalizer settings keep every stream's state; otherwise
+        hidden states restart at zero (and statistics too if the normalizer changed) while
+        ``seq`` continues, and streams re-warm. A model for other features is refused
+        (ValueError): it cannot read the same ticks.
+        """
+        new, old = loaded.meta, self.meta
+        if (new.features, new.target) != (old.features, old.target):
+            raise ValueError(f"features {new.features}/{new.target} differ from {old.features}")
+        same_shapes = loaded.model.state_sizes == self.model.state_sizes
+        same_norm = new.normalizer == old.normalizer
+        self.model, self.meta = loaded.model.eval(), new
+        self.horizon = loaded.model.config.horizon
+        self._hscale = horizon_scale(self.horizon)
+        if same_shapes and same_norm:
+            return "kept_state"
+        store = self.store
+        store.state_sizes = list(loaded.model.state_sizes)
+        store.reset_hidden()
+        if not same_norm:
+            store.normalizer.config = new.normalizer
+            live = np.fromiter(store.slot_of.values(), dtype=np.int64, count=len(store))
+            store.reset(live)
+        return "rewarmed"
+
     def process(self, ticks: Sequence[Tick]) -> ForecastBatch:
         """Forecast after every tick of ``ticks``; updates the streams' state in place."""
         n = len(ticks)

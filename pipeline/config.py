@@ -95,7 +95,9 @@ class ModelSettings(_Section):
     path: Path | None = None
     # Reload the model when its file changes (also on SIGHUP); checked this often (0: never).
     watch_seconds: float = Field(default=5.0, ge=0)
-    torch_threads: int | None = Field(default=None, ge=1)
+    # 1 by default: with more, torch's OpenMP workers spin against the Kafka client threads and
+    # anything else on the host; measured 10x slower on a busy 2-core machine (decisions.md #7).
+    torch_threads: int = Field(default=1, ge=1)
 
 
 class InputSettings(_Section):

@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 
 def run_daemon(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
-    if settings.model.torch_threads:
-        torch.set_num_threads(settings.model.torch_threads)
+    torch.set_num_threads(settings.model.torch_threads)
     loaded = load_model(settings.model.path)
     with contextlib.ExitStack() as stack:
         embedded = settings.kafka.bootstrap_servers is None

@@ -125,6 +125,7 @@ class Daemon:
         kafka = self.settings.kafka
         meta = self.engine.meta
         self._publish_model_info()
+        self._zero_counters()
         if not self._connect():
             return
         log.info(
@@ -140,6 +141,19 @@ class Daemon:
                 self.step(timeout_ms=200)
         finally:
             self._close()
+
+    def _zero_counters(self) -> None:
+        """Export labelled counters at 0 from the start: rate() ignores a series' first sample,
+        so a counter born at its first increment would hide that increment."""
+        kafka = self.settings.kafka
+        metrics.TICKS.labels(kafka.input_topic)
+        metrics.FORECASTS.labels(kafka.output_topic)
+        for reason in Reason:
+            metrics.DEAD_LETTERS.labels(reason.value)
+        for outcome in ("committed", "aborted"):
+            metrics.TRANSACTIONS.labels(outcome)
+        for outcome in ("kept_state", "rewarmed", "failed"):
+            metrics.MODEL_RELOADS.labels(outcome)
 
     def _publish_model_info(self) -> None:
         meta = self.engine.meta
@@ -422,6 +436,10 @@ class Daemon:
         """
         metrics.REBALANCES.inc()
         log.info("event=partitions_assigned partitions=%s", ",".join(map(str, partitions)))
+        topic = self.settings.kafka.input_topic
+        for p in partitions:
+            for outcome in ("forecast", "dead_letter", "dropped"):
+                metrics.RECORDS.labels(topic, str(p), outcome)
         if partitions and self.source is not None and self.settings.state.changelog:
             self.source.pause(partitions)
             self._to_restore.update(partitions)

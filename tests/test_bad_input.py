@@ -1,0 +1,112 @@
+"""Issue 5: 10k bad records among the good ticks of 50 streams, on a real broker."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable
+
+import pytest
+
+from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
+from tests.test_daemon_integration import _metrics, _wait_metrics
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000.0
+
+
+def _bad(rng: random.Random, stream: bytes, t: int) -> tuple[bytes | None, bytes, str]:
+    kind = rng.randrange(9)
+    if kind == 0:
+        return stream, b'{"ts": 17000', "invalid_json"
+    if kind == 1:
+        return stream, b'"just a string"', "not_an_object"
+    if kind == 2:
+        return None, json.dumps({"ts": T0 + t, "value": 1.0}).encode(), "missing_stream"
+    if kind == 3:
+        return stream, json.dumps({"ts": T0 + t}).encode(), "missing_field"
+    if kind == 4:
+        return stream, json.dumps({"ts": T0 + t, "value": [1]}).encode(), "bad_type"
+    if kind == 5:
+        return stream, b'{"ts": 1700000000, "value": Infinity}', "non_finite"
+    if kind == 6:
+        return stream, json.dumps({"ts": "soon", "value": 1.0}).encode(), "bad_timestamp"
+    if kind == 7:
+        return (
+            stream,
+            b'{"ts": 1700000000, "value": 1, "pad": "' + b"x" * 70_000 + b'"}',
+            "too_large",
+        )
+    return stream, json.dumps({"ts": T0 + t, "values": {"other": 1.0}}).encode(), "unknown_feature"
+
+
+def test_ten_thousand_bad_records_are_all_accounted_for(
+    bootstrap: str, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    rng = random.Random(2024)
+    good: list[tuple[bytes | None, bytes | None]] = []
+    for t in range(40):
+        for s in range(50):
+            value = (10 ** (s % 6 - 2)) * (3 + math.sin(t / 6 + s))
+            good.append((f"g{s:02d}".encode(), json.dumps({"ts": T0 + t, "value": value}).encode()))
+    mixed: list[tuple[bytes | None, bytes | None]] = []
+    expected = Counter()
+    bad_per_good = 10_000 / len(good)
+    owed = 0.0
+    for i, rec in enumerate(good):
+        owed += bad_per_good
+        while owed >= 1:
+            key, value, reason = _bad(rng, rec[0] or b"", i)
+            mixed.append((key, value))
+            expected[reason] += 1
+            owed -= 1
+        mixed.append(rec)
+    assert sum(expected.values()) >= 10_000
+
+    clean_names = unique("clean"), unique("fc"), unique("dlq"), unique("g")
+    dirty_names = unique("dirty"), unique("fc"), unique("dlq"), unique("g")
+    for names in (clean_names, dirty_names):
+        create_topics(bootstrap, names[:3], 3)
+    produce(bootstrap, clean_names[0], good)
+    produce(bootstrap, dirty_names[0], mixed)
+    port = _free()
+    for (inp, out, dlq, group), metrics_port in ((clean_names, 0), (dirty_names, port)):
+        start_daemon(["--bootstrap-servers", bootstrap, "--input-topic", inp, "--output-topic", out,
+                      "--dlq-topic", dlq, "--group-id", group, "--metrics-port", str(metrics_port),
+                      "--no-sample-feed"])  # fmt: skip
+
+    clean = read_topic(bootstrap, clean_names[1], len(good), timeout_s=120)
+    dirty = read_topic(bootstrap, dirty_names[1], len(good), timeout_s=120)
+    dead = read_topic(bootstrap, dirty_names[2], sum(expected.values()), timeout_s=120)
+    # Every good tick has its forecast, identical to the run without bad records.
+    assert len(clean) == len(dirty) == len(good)
+    ref = {(d["stream"], d["seq"]): d["forecast"] for d in (r.json() for r in clean)}
+    got = {(d["stream"], d["seq"]): d["forecast"] for d in (r.json() for r in dirty)}
+    assert got.keys() == ref.keys()
+    for key, forecast in got.items():
+        assert forecast == pytest.approx(ref[key], rel=1e-6), key
+    # Every bad record is in the DLQ with the right reason and its source coordinates.
+    assert Counter(r.headers["error"].decode() for r in dead) == expected
+    assert all(r.headers["source.topic"] == dirty_names[0].encode() for r in dead)
+    # Counters reconcile with the offsets consumed, per partition.
+    m = _wait_metrics(port, len(good))
+    per_partition: dict[int, int] = defaultdict(int)
+    for rec in read_topic(bootstrap, dirty_names[0], len(mixed), timeout_s=60):
+        per_partition[rec.partition] += 1
+    for key, value in m.items():
+        if key.startswith("pipeline_records_total{"):
+            labels = dict(kv.split("=") for kv in key[key.index("{") + 1 : -1].split(","))
+            per_partition[int(labels["partition"])] -= int(value)
+    assert all(v == 0 for v in per_partition.values()), per_partition
+    assert _metrics(port)["pipeline_forecasts_emitted_total{topic=" + dirty_names[1] + "}"] == len(
+        good
+    )
+
+
+def _free() -> int:
+    from pipeline.embedded import free_port
+
+    return free_port()

@@ -37,7 +37,7 @@ def _bad(rng: random.Random, stream: bytes, t: int) -> tuple[bytes | None, bytes
     if kind == 7:
         return (
             stream,
-            b'{"ts": 1700000000, "value": 1, "pad": "' + b"x" * 70_000 + b'"}',
+            b'{"ts": 1700000000, "value": 1, "pad": "' + b"x" * 2_000 + b'"}',
             "too_large",
         )
     return stream, json.dumps({"ts": T0 + t, "values": {"other": 1.0}}).encode(), "unknown_feature"
@@ -76,7 +76,7 @@ def test_ten_thousand_bad_records_are_all_accounted_for(
     for (inp, out, dlq, group), metrics_port in ((clean_names, 0), (dirty_names, port)):
         start_daemon(["--bootstrap-servers", bootstrap, "--input-topic", inp, "--output-topic", out,
                       "--dlq-topic", dlq, "--group-id", group, "--metrics-port", str(metrics_port),
-                      "--no-sample-feed"])  # fmt: skip
+                      "--no-sample-feed"], env={"PIPELINE_INPUT__MAX_RECORD_BYTES": "1024"})  # fmt: skip
 
     clean = read_topic(bootstrap, clean_names[1], len(good), timeout_s=120)
     dirty = read_topic(bootstrap, dirty_names[1], len(good), timeout_s=120)

@@ -74,9 +74,10 @@ def test_ten_thousand_bad_records_are_all_accounted_for(
     produce(bootstrap, dirty_names[0], mixed)
     port = _free()
     for (inp, out, dlq, group), metrics_port in ((clean_names, 0), (dirty_names, port)):
-        start_daemon(["--bootstrap-servers", bootstrap, "--input-topic", inp, "--output-topic", out,
-                      "--dlq-topic", dlq, "--group-id", group, "--metrics-port", str(metrics_port),
-                      "--no-sample-feed"], env={"PIPELINE_INPUT__MAX_RECORD_BYTES": "1024"})  # fmt: skip
+        args = ["--bootstrap-servers", bootstrap, "--input-topic", inp, "--output-topic", out,
+                "--dlq-topic", dlq, "--group-id", group, "--metrics-port", str(metrics_port),
+                "--no-sample-feed"]  # fmt: skip
+        start_daemon(args, env={"PIPELINE_INPUT__MAX_RECORD_BYTES": "1024"})
 
     clean = read_topic(bootstrap, clean_names[1], len(good), timeout_s=120)
     dirty = read_topic(bootstrap, dirty_names[1], len(good), timeout_s=120)

@@ -49,7 +49,9 @@ def run(bootstrap: str, input_topic: str, output_topic: str, group: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     servers = bootstrap.split(",")
-    producer = KafkaProducer(bootstrap_servers=servers, client_id="passthrough", **PRODUCER_SETTINGS)
+    producer = KafkaProducer(
+        bootstrap_servers=servers, client_id="passthrough", **PRODUCER_SETTINGS
+    )
     consumer = KafkaConsumer(
         bootstrap_servers=servers, client_id="passthrough", group_id=group, **CONSUMER_SETTINGS
     )

@@ -10,7 +10,9 @@ from typing import Any
 
 
 def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values)) if values else float("nan")
+    """Median of the finite-or-infinite values (NaN, i.e. failed runs, are left out)."""
+    kept = [v for v in values if v == v]
+    return float(statistics.median(kept)) if kept else float("nan")
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -27,7 +29,7 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of an already sorted sequence."""
-    if not sorted_values:
+    if len(sorted_values) == 0:
         return float("nan")
     k = max(0, min(len(sorted_values) - 1, round(q / 100.0 * (len(sorted_values) - 1))))
     return float(sorted_values[k])
@@ -71,6 +73,33 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = ""
     out.append("  ".join("-" * w for w in widths))
     out.extend(line(r) for r in cells[1:])
     return "\n".join(out)
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores kept busy by the whole machine over ``seconds`` (call it while this process idles)."""
+    import time
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            parts = [int(x) for x in fh.readline().split()[1:]]
+        return sum(parts) - parts[3] - parts[4], sum(parts)
+
+    try:
+        b0, t0 = read()
+        time.sleep(seconds)
+        b1, t1 = read()
+    except OSError:
+        return float("nan")
+    return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+
+
+def load_note(cores: float) -> str:
+    if cores != cores:
+        return "background load: unknown"
+    text = f"background load before start: {cores:.2f} of {os.cpu_count()} cores busy"
+    if cores > 0.3:
+        text += " -- WARNING: other processes are using the CPU; figures are depressed"
+    return text
 
 
 def machine() -> dict[str, Any]:

@@ -60,6 +60,9 @@ class KafkaSettings(_Section):
     max_poll_records: int = Field(default=5_000, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     linger_ms: int = Field(default=5, ge=0)
+    # Producer batch size per partition. kafka-python's 16 KiB default splits one poll's
+    # forecasts (~550 B each) into hundreds of requests; 256 KiB measured +30% throughput.
+    batch_size: int = Field(default=256 * 1024, ge=1024)
     compression_type: Literal["none", "gzip", "lz4"] = "none"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

@@ -80,6 +80,7 @@ class Sink:
                 **mode,
                 acks="all",
                 linger_ms=kafka.linger_ms,
+                batch_size=kafka.batch_size,
                 compression_type=None
                 if kafka.compression_type == "none"
                 else kafka.compression_type,

@@ -220,7 +220,7 @@ def encode_forecast(
     Written by hand (twice as fast as ``json.dumps`` of a dict, measured): floats use ``repr``,
     which is valid JSON for finite values and round-trips exactly; the engine never emits NaN.
     """
-    values = ",".join(map(repr, forecast))
+    values = ",".join(map(repr, map(float, forecast)))
     return (
         f'{{"stream":{_dump_str(stream)},"ts":{ts!r},"seq":{seq},"forecast":[{values}],'
         f'"model":{_dump_str(model)},"warm":{"true" if warm else "false"}}}'

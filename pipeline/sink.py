@@ -230,10 +230,11 @@ class Sink:
             for topic, parts in offsets.items()
             for p, o in parts.items()
         }
-        self._guard(lambda: self.producer.send_offsets_to_transaction(tp_offsets, group_metadata))
-        self._guard(
-            self.producer.commit_transaction, timeout_s=self.kafka.transaction_timeout_ms / 1000
-        )
+        # Both calls can hang for minutes after a broker restart (Tansu): a watchdog bounds them.
+        limit = self.kafka.transaction_timeout_ms / 1000
+        producer = self.producer
+        self._guard(lambda: producer.send_offsets_to_transaction(tp_offsets, group_metadata), limit)
+        self._guard(producer.commit_transaction, limit)
         self._pending, self._batch, self._batch_state = [], [], []
 
     def _guard(self, call: Callable[[], object], timeout_s: float | None = None) -> None:
@@ -248,13 +249,18 @@ class Sink:
 
         if timeout_s is None:
             run()
-        else:  # commit_transaction can hang for minutes after a broker restart
-            worker = threading.Thread(target=run, name="txn-commit", daemon=True)
+        else:  # a hung call is left behind on its daemon thread with the discarded producer
+            worker = threading.Thread(target=run, name="txn-call", daemon=True)
             worker.start()
             worker.join(timeout_s)
             if worker.is_alive():
-                self._abandon()
-                raise TransactionFailed(f"transaction commit hung for {timeout_s:.0f}s")
+                self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
+                try:
+                    self._abandon()
+                except BrokerError as rebuild_error:
+                    log.warning("event=producer_rebuild_failed error=%s", rebuild_error)
+                    self._needs_rebuild = True
+                raise TransactionFailed(f"transactional call hung for {timeout_s:.0f}s")
         if not error:
             return
         exc = error[0]

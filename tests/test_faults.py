@@ -84,7 +84,10 @@ def test_broker_restart_mid_stream(
     bootstrap = f"127.0.0.1:{port}"
     broker = EmbeddedBroker(port=port).start()
     try:
-        env = {"PIPELINE_KAFKA__PROCESSING_GUARANTEE": guarantee}
+        env = {
+            "PIPELINE_KAFKA__PROCESSING_GUARANTEE": guarantee,
+            "PIPELINE_KAFKA__TRANSACTION_TIMEOUT_MS": "10000",
+        }
         daemon = start_daemon(_args(bootstrap, metrics_port), env=env)
         _wait_topics(bootstrap, {"in", "out", "dlq"})
         produce(bootstrap, "in", _ticks(0, 20))

@@ -254,13 +254,7 @@ class Sink:
             worker.start()
             worker.join(timeout_s)
             if worker.is_alive():
-                self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
-                try:
-                    self._abandon()
-                except BrokerError as rebuild_error:
-                    log.warning("event=producer_rebuild_failed error=%s", rebuild_error)
-                    self._needs_rebuild = True
-                raise TransactionFailed(f"transactional call hung for {timeout_s:.0f}s")
+                self._fail(f"transactional call hung for {timeout_s:.0f}s", abort=False)
         if not error:
             return
         exc = error[0]
@@ -273,14 +267,16 @@ class Sink:
             self._fail(repr(exc))
         raise exc
 
-    def _fail(self, why: str) -> None:
-        """Abort, then start over with a fresh producer: kafka-python keeps a producer whose
-        transactional request failed in an error state that an abort does not always clear."""
+    def _fail(self, why: str, abort: bool = True) -> None:
+        """Abort (unless the producer hangs), then start over with a fresh producer:
+        kafka-python keeps a producer whose transactional request failed in an error state that
+        an abort does not always clear. Always raises TransactionFailed."""
         self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
-        try:
-            self.producer.abort_transaction()
-        except KafkaError:
-            log.debug("event=abort_failed", exc_info=True)
+        if abort:
+            try:
+                self.producer.abort_transaction()
+            except KafkaError:
+                log.debug("event=abort_failed", exc_info=True)
         try:
             self._abandon()
         except BrokerError as exc:

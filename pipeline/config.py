@@ -54,6 +54,11 @@ class KafkaSettings(_Section):
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    # Rejoin watchdog: partitions revoked (or never assigned) and no new assignment for this long
+    # -> the consumer is closed and created again. Tansu sometimes never answers a rejoin after a
+    # restart; on Apache Kafka a rebalance waits for slow members up to max_poll_interval_ms, so
+    # raise this toward it if members process long batches (decisions.md #12).
+    rejoin_timeout_ms: int = Field(default=120_000, ge=1_000)
     # The broker long-polls at most this long; below ~100 ms Tansu's fetch loop degrades.
     fetch_max_wait_ms: int = Field(default=100, ge=0)
     # Upper bound of one micro-batch (= one poll = one commit).

@@ -75,6 +75,8 @@ class Daemon:
         self.exactly_once = settings.kafka.processing_guarantee == "exactly_once"
         self._to_restore: set[int] = set()  # assigned partitions paused until state is restored
         self._needs_recover = False  # a transaction failed: rewind and restore before going on
+        # Set while the group owes this member an assignment (after a revoke, or since joining).
+        self._awaiting_assignment_since: float | None = None
         self.model_path = loaded.path
         self._model_mtime = _mtime(loaded.path)
         self._next_model_check = time.monotonic() + settings.model.watch_seconds
@@ -180,13 +182,7 @@ class Daemon:
                     ensure_topics(kafka, self._topics())
                     self._ensure_changelog()
                 self.sink = self._make_sink()
-                self.source = Source(
-                    kafka,
-                    features=self.engine.meta.features,
-                    max_record_bytes=self.settings.input.max_record_bytes,
-                    on_assigned=self._on_assigned,
-                    on_revoked=self._on_revoked,
-                )
+                self.source = self._make_source()
                 return True
             except BrokerError as exc:
                 attempt += 1
@@ -201,6 +197,47 @@ class Daemon:
                     self.sink = None
                 self.stop_event.wait(delay)
         return False
+
+    def _make_source(self) -> Source:
+        source = Source(
+            self.settings.kafka,
+            features=self.engine.meta.features,
+            max_record_bytes=self.settings.input.max_record_bytes,
+            on_assigned=self._on_assigned,
+            on_revoked=self._on_revoked,
+        )
+        self._awaiting_assignment_since = time.monotonic()
+        return source
+
+    def _check_rejoin(self, now: float) -> None:
+        """Recreate the consumer if the group has owed us an assignment for too long.
+
+        After a Tansu restart the group sometimes never answers the rejoin (partitions revoked,
+        no assignment, no error, for minutes). A new member joins cleanly. An empty assignment
+        (more members than partitions) still arrives through ``on_assigned`` and does not count.
+        """
+        since = self._awaiting_assignment_since
+        limit_s = self.settings.kafka.rejoin_timeout_ms / 1000
+        if since is None or now - since < limit_s:
+            return
+        assert self.source is not None
+        waited = now - since
+        log.warning("event=group_rejoin_stalled waited_s=%.1f action=recreate_consumer", waited)
+        metrics.REJOINS_FORCED.inc()
+        self._on_revoked(self.source.assignment())
+        self.source.close()
+        self._needs_recover = False  # the new member restores whatever it is assigned
+        attempt = 0
+        while not self.stop_event.is_set():
+            try:
+                self.source = self._make_source()
+                return
+            except BrokerError as exc:
+                attempt += 1
+                delay = min(0.5 * 2**attempt, MAX_BACKOFF_S)
+                log.warning("event=consumer_recreate_failed attempt=%d retry_in_s=%.1f error=%s",
+                            attempt, delay, exc)  # fmt: skip
+                self.stop_event.wait(delay)
 
     def _make_sink(self) -> Sink:
         kafka = self.settings.kafka
@@ -268,6 +305,7 @@ class Daemon:
         if polled.skipped:
             metrics.REDELIVERED.inc(polled.skipped)
         self._maybe_reload(now)
+        self._check_rejoin(now)
         if self._to_restore:
             self._restore_pending()
         if self._needs_recover:
@@ -435,6 +473,7 @@ class Daemon:
         restore itself happens in :meth:`_restore_pending` right after the poll returns.
         """
         metrics.REBALANCES.inc()
+        self._awaiting_assignment_since = None
         log.info("event=partitions_assigned partitions=%s", ",".join(map(str, partitions)))
         topic = self.settings.kafka.input_topic
         for p in partitions:
@@ -463,6 +502,8 @@ class Daemon:
 
     def _on_revoked(self, partitions: list[int]) -> None:
         topic = self.settings.kafka.input_topic
+        if self._awaiting_assignment_since is None:
+            self._awaiting_assignment_since = time.monotonic()
         if self.source is not None:
             self.source.forget(partitions)
         self._to_restore.difference_update(partitions)

@@ -117,6 +117,10 @@ RESTORE_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
 REBALANCES = Counter("pipeline_rebalances_total", "Partition assignments received from the group.")
+REJOINS_FORCED = Counter(
+    "pipeline_group_rejoins_forced_total",
+    "Consumers recreated because the group owed an assignment past kafka.rejoin_timeout_ms.",
+)
 ASSIGNED = Gauge("pipeline_assigned_partitions", "Input partitions assigned to this instance.")
 TRANSACTIONS = Counter(
     "pipeline_transactions_total",

@@ -1,4 +1,4 @@
-"""The ``pipeline`` console script: run, simulate, tail, train.
+"""The ``pipeline`` console script: run, simulate, tail, train, backtest.
 
 Errors the user can fix print one line naming the setting or file and exit non-zero;
 ``--debug`` adds the traceback.
@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.train import add_train_arguments
 
     add_train_arguments(sub.add_parser("train", help="train a model on CSV history"))
+    from pipeline.backtest import add_backtest_arguments
+
+    add_backtest_arguments(
+        sub.add_parser("backtest", help="replay CSV history through the engine, score vs baselines")
+    )
     return parser
 
 
@@ -129,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.train import train_main
 
             return train_main(args, list(argv) if argv is not None else sys.argv[1:])
+        if args.command == "backtest":
+            from pipeline.backtest import backtest_main
+
+            return backtest_main(args)
     except PipelineError as exc:
         if debug:
             raise

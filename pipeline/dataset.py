@@ -2,8 +2,13 @@
 
 ``wide`` (ETT-like): a time column and numeric columns. Without ``target``/``features`` every
 numeric column is its own univariate series named ``STEM.COLUMN``; with them, the file is one
-multivariate series. ``long`` (stocks-like): one series per value of ``stream_col``.
-Rows whose used values are missing (empty/NA) are skipped for now.
+multivariate series. ``long`` (stocks-like): one series per value of ``stream_col``. The time
+is one column (epoch s/ms or ISO) or integer columns ``year,month,day[,hour[,minute]]`` (UTC).
+
+Missing values (empty, ``NA``, ``nan``, ``null``) follow the serving rules, so training sees what
+the daemon would have done: a row whose target is missing is skipped (the stream's state never
+sees it; the next tick's time gap says something was skipped); a missing covariate takes the
+stream's previous value of that column, and rows before a covariate's first value are skipped.
 """
 
 from __future__ import annotations
@@ -71,25 +76,23 @@ def _wide(
     features: Sequence[str] | None,
     time_col: str | None,
 ) -> list[Series]:
-    tcol = _column(path, header, time_col) if time_col else 0
-    ts = np.array([parse_time(r[tcol]) for r in rows])
+    tcols = _time_columns(path, header, time_col) if time_col else [0]
+    ts = _times(path, rows, tcols)
     stem = path.name.split(".")[0]
     if target is None and features is None:
         out = []
         for i, col in enumerate(header):
-            if i == tcol:
+            if i in tcols:
                 continue
             values = _floats(path, rows, [i])
-            keep = ~np.isnan(values).any(axis=1)
+            keep = ~np.isnan(values[:, 0])
             out.append(Series(f"{stem}.{col}", ts[keep], values[keep], ["value"]))
         return out
     names = list(features) if features else [target or ""]
     if target and target not in names:
         names = [target, *names]
     cols = [_column(path, header, n) for n in names]
-    values = _floats(path, rows, cols)
-    keep = ~np.isnan(values).any(axis=1)
-    return [Series(f"{stem}.{target or names[0]}", ts[keep], values[keep], names)]
+    return [_complete(f"{stem}.{target or names[0]}", ts, _floats(path, rows, cols), names)]
 
 
 def _long(
@@ -104,18 +107,51 @@ def _long(
     names = list(features) if features else [target]
     if target not in names:
         names = [target, *names]
-    scol, tcol = _column(path, header, stream_col), _column(path, header, time_col)
+    scol, tcols = _column(path, header, stream_col), _time_columns(path, header, time_col)
     cols = [_column(path, header, n) for n in names]
     groups: dict[str, list[list[str]]] = defaultdict(list)
     for r in rows:
         groups[r[scol]].append(r)
-    out = []
-    for stream, grows in groups.items():
-        ts = np.array([parse_time(r[tcol]) for r in grows])
-        values = _floats(path, grows, cols)
-        keep = ~np.isnan(values).any(axis=1)
-        out.append(Series(stream, ts[keep], values[keep], names))
-    return out
+    return [
+        _complete(stream, _times(path, grows, tcols), _floats(path, grows, cols), names)
+        for stream, grows in groups.items()
+    ]
+
+
+def _complete(name: str, ts: F64, values: F64, names: list[str]) -> Series:
+    """Apply the missing-value rules (module docstring); column 0 is the target."""
+    values = values.copy()
+    for c in range(1, values.shape[1]):  # covariates: carry the previous value forward
+        col = values[:, c]
+        seen = np.where(~np.isnan(col), np.arange(len(col)), -1)
+        np.maximum.accumulate(seen, out=seen)
+        col[seen >= 0] = col[seen[seen >= 0]]
+    keep = ~np.isnan(values).any(axis=1)
+    return Series(name, ts[keep], values[keep], names)
+
+
+def _time_columns(path: Path, header: list[str], time_col: str) -> list[int]:
+    return [_column(path, header, c) for c in time_col.split(",")]
+
+
+def _times(path: Path, rows: list[list[str]], cols: list[int]) -> F64:
+    """Epoch seconds per row from one time column or integer parts year,month,day[,h[,m[,s]]]."""
+    if len(cols) == 1:
+        return np.array([parse_time(r[cols[0]]) for r in rows])
+    if not 3 <= len(cols) <= 6:
+        raise DataError("a composite time needs 3 to 6 columns: year,month,day[,hour,...]",
+                        path=str(path))  # fmt: skip
+    try:
+        parts = np.array([[int(r[c]) for c in cols] for r in rows], dtype=np.int64)
+    except ValueError as exc:
+        raise DataError(f"time columns must be integers: {exc}", path=str(path)) from None
+    day_parts = [f"{y:04d}-{m:02d}-{d:02d}" for y, m, d in parts[:, :3].tolist()]
+    days = np.array(day_parts, dtype="datetime64[D]").astype(np.int64)  # days since 1970-01-01
+    seconds = days * 86_400
+    for i, unit in enumerate((3600, 60, 1)):
+        if parts.shape[1] > 3 + i:
+            seconds = seconds + parts[:, 3 + i] * unit
+    return seconds.astype(np.float64)
 
 
 def _floats(path: Path, rows: list[list[str]], cols: list[int]) -> F64:

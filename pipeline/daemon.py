@@ -203,6 +203,7 @@ class Daemon:
             self.settings.kafka,
             features=self.engine.meta.features,
             max_record_bytes=self.settings.input.max_record_bytes,
+            positive=self.engine.target if self.engine.meta.target_transform == "log" else None,
             on_assigned=self._on_assigned,
             on_revoked=self._on_revoked,
         )

@@ -82,8 +82,15 @@ class Engine:
         (ValueError): it cannot read the same ticks.
         """
         new, old = loaded.meta, self.meta
-        if (new.features, new.target) != (old.features, old.target):
-            raise ValueError(f"features {new.features}/{new.target} differ from {old.features}")
+        if (new.features, new.target, new.target_transform) != (
+            old.features,
+            old.target,
+            old.target_transform,
+        ):
+            raise ValueError(
+                f"features {new.features}/{new.target}/{new.target_transform} differ from "
+                f"{old.features}/{old.target}/{old.target_transform}"
+            )
         same_shapes = loaded.model.state_sizes == self.model.state_sizes
         same_norm = new.normalizer == old.normalizer
         self.model, self.meta = loaded.model.eval(), new
@@ -112,6 +119,9 @@ class Engine:
         rank, streams, stream_index = _rank_by_stream(ticks)
         slot_of_tick = self.store.slots_for(streams)[stream_index]  # (N,)
         values = np.array([t.values for t in ticks], dtype=np.float64)  # (N, F)
+        log_target = self.meta.target_transform == "log"
+        if log_target:  # the decoder rejected values <= 0; state and scores live in log units
+            values[:, self.target] = np.log(values[:, self.target])
         ts = np.fromiter((t.ts for t in ticks), dtype=np.float64, count=n)
         partition = np.fromiter((t.source.partition for t in ticks), dtype=np.int64, count=n)
         offset = np.fromiter((t.source.offset for t in ticks), dtype=np.int64, count=n)
@@ -136,6 +146,8 @@ class Engine:
             forecast[rows], warm[rows] = out
             seq[rows] = self.store.seq[slots]
             self.store.mark(slots, partition[rows], offset[rows])
+        if log_target:
+            np.exp(forecast, out=forecast)
         stats = {
             "error": np.concatenate([e for e, _ in scored]) if scored else np.zeros(0),
             "persistence_error": np.concatenate([b for _, b in scored]) if scored else np.zeros(0),

@@ -36,6 +36,7 @@ class Reason(StrEnum):
     LATE = "late"
     TOO_LARGE = "too_large"
     UNKNOWN_FEATURE = "unknown_feature"
+    OUT_OF_DOMAIN = "out_of_domain"  # e.g. a price <= 0 for a model with a log target
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +176,12 @@ def decode(
     *,
     features: Sequence[str] = ("value",),
     max_bytes: int = 64 * 1024,
+    positive: int | None = None,
 ) -> Tick | Rejection:
-    """Decode one input record. Never raises: anything unusable becomes a :class:`Rejection`."""
+    """Decode one input record. Never raises: anything unusable becomes a :class:`Rejection`.
+
+    ``positive``: index of a feature that must be > 0 (the target of a log-transformed model).
+    """
     try:
         if value is None:
             raise _Reject(Reason.INVALID_JSON, "record value is empty (null)")
@@ -192,7 +197,13 @@ def decode(
         if "ts" not in doc:
             raise _Reject(Reason.MISSING_FIELD, "'ts' is missing")
         ts = _parse_ts(doc["ts"])
-        return Tick(stream, ts, _values(doc, features), source, key, value)
+        values = _values(doc, features)
+        if positive is not None and not values[positive] > 0:
+            raise _Reject(
+                Reason.OUT_OF_DOMAIN,
+                f"{features[positive]} = {values[positive]!r}: the model takes its log, needs > 0",
+            )
+        return Tick(stream, ts, values, source, key, value)
     except _Reject as rej:
         return Rejection(rej.reason, rej.detail, key, value, source)
 

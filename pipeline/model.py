@@ -138,6 +138,9 @@ class ModelMeta:
     normalizer: NormalizerConfig
     features: list[str] = field(default_factory=lambda: ["value"])
     target: str = "value"
+    # "log": the model sees log(target) and forecasts log values; forecasts leave the engine in
+    # stream units again (exp). For prices: the model's changes are log returns.
+    target_transform: str = "none"
     name: str = "forecaster"
     train_command: str = ""
     data: dict[str, Any] = field(default_factory=dict)  # fingerprint of the training data
@@ -231,6 +234,15 @@ def load_model(path: Path | None = None) -> LoadedModel:
     return LoadedModel(model=model, meta=meta, path=pt)
 
 
+TRANSFORMS = ("none", "log")
+
+
+def _transform(name: object) -> str:
+    if name not in TRANSFORMS:
+        raise ValueError(f"target_transform {name!r} is not one of {TRANSFORMS}")
+    return str(name)
+
+
 def _meta_from_json(doc: dict[str, Any], side: Path) -> ModelMeta:
     try:
         cfg = doc["config"]
@@ -239,6 +251,7 @@ def _meta_from_json(doc: dict[str, Any], side: Path) -> ModelMeta:
             normalizer=NormalizerConfig(**doc["normalizer"]),
             features=list(doc["features"]),
             target=str(doc["target"]),
+            target_transform=_transform(doc.get("target_transform", "none")),
             name=str(doc["name"]),
             train_command=str(doc.get("train_command", "")),
             data=dict(doc.get("data", {})),

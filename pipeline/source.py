@@ -60,12 +60,14 @@ class Source:
         *,
         features: Sequence[str],
         max_record_bytes: int,
+        positive: int | None = None,
         on_assigned: PartitionsCallback = lambda parts: None,
         on_revoked: PartitionsCallback = lambda parts: None,
     ) -> None:
         self.topic = kafka.input_topic
         self.features = tuple(features)
         self.max_record_bytes = max_record_bytes
+        self.positive = positive
         # Next offset to process per partition: records below it were already handled (their
         # outputs flushed) and are skipped when a failed commit makes the broker send them again.
         self._next: dict[int, int] = {}
@@ -95,6 +97,7 @@ class Source:
         batches = self.consumer.poll(timeout_ms=timeout_ms)
         polled = Polled()
         append, features, limit = polled.records.append, self.features, self.max_record_bytes
+        positive = self.positive
         for tp, records in batches.items():
             if not records:
                 continue
@@ -104,7 +107,8 @@ class Source:
                     polled.skipped += 1
                     continue
                 src = RecordSource(tp.topic, tp.partition, rec.offset, rec.timestamp)
-                append(decode(rec.key, rec.value, src, features=features, max_bytes=limit))
+                append(decode(rec.key, rec.value, src, features=features, max_bytes=limit,
+                              positive=positive))  # fmt: skip
             polled.offsets[tp.partition] = records[-1].offset + 1
             self._next[tp.partition] = max(first, records[-1].offset + 1)
         return polled

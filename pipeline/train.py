@@ -17,7 +17,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -293,12 +293,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-col", default="symbol", help="long format: stream id column")
     p.add_argument("--time-col", help="time column (wide: first column; long: timestamp)")
     p.add_argument("--horizon", type=int, default=24)
+    p.add_argument("--target-transform", choices=["none", "log"], default="none",
+                   help="log: model log changes (log returns), forecast prices")  # fmt: skip
     p.add_argument("--cell", choices=["gru", "lstm", "rnn"], default="gru")
     p.add_argument("--layers", default="64,32", help="hidden sizes, comma-separated")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--loss", choices=["mse", "huber", "mae"], default="mse")
     p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--batch-lanes", type=int, default=64,
+                   help="training lanes (1,024-tick segments) per optimizer batch")  # fmt: skip
     p.add_argument("--split", default="0.6,0.2", help="train,validation fractions (rest: test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -333,6 +337,8 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
     feature_names = series[0].features
     target_name = args.target or feature_names[0]
     target = feature_names.index(target_name)
+    if args.target_transform == "log":
+        series = [log_target(s, target) for s in series]
     norm_cfg = NormalizerConfig()
     fractions = tuple(float(f) for f in args.split.split(","))
     if len(fractions) != 2 or min(fractions) <= 0 or sum(fractions) >= 1:
@@ -345,17 +351,23 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
     )
     model = Forecaster(config)
     cfg = TrainConfig(
-        epochs=args.epochs, lr=args.lr, loss=args.loss, seed=args.seed, patience=args.patience
+        epochs=args.epochs,
+        lr=args.lr,
+        loss=args.loss,
+        seed=args.seed,
+        patience=args.patience,
+        batch_lanes=args.batch_lanes,
     )
     started = time.monotonic()
     history = fit(model, prepared, splits, cfg)
     seconds = time.monotonic() - started
-    report = evaluate_splits(model, prepared, splits)
+    report = evaluate_splits(model, prepared, splits, args.target_transform)
     meta = ModelMeta(
         config=config,
         normalizer=norm_cfg,
         features=["value"] if args.target is None and features is None else feature_names,
         target="value" if args.target is None and features is None else target_name,
+        target_transform=args.target_transform,
         name=args.name,
         train_command="pipeline " + " ".join(shlex.quote(a) for a in argv),
         data=fingerprint(list(args.data)),
@@ -378,12 +390,28 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def log_target(s: Series, target: int) -> Series:
+    """``s`` with its target column replaced by its natural log (DataError if any value <= 0)."""
+    column = s.values[:, target]
+    if not (column > 0).all():
+        raise DataError(f"series {s.name}: --target-transform log needs values > 0")
+    values = s.values.copy()
+    values[:, target] = np.log(column)
+    return replace(s, values=values)
+
+
 def evaluate_splits(
-    model: Forecaster, prepared: list[Prepared], splits: list[Split]
+    model: Forecaster, prepared: list[Prepared], splits: list[Split], transform: str = "none"
 ) -> dict[str, Any]:
-    """Mean over series of MAE ratios (model / persistence) on validation and test parts."""
+    """Mean over series of MAE ratios (model / persistence) on validation and test parts.
+
+    Errors are in stream units: with a log target, forecasts and values are exponentiated first.
+    """
     out: dict[str, Any] = {}
     forecasts = [predict(model, p) for p in prepared]  # state carried from each series' start
+    if transform == "log":
+        forecasts = [np.exp(f) for f in forecasts]
+        prepared = [replace(p, actual=np.exp(p.actual), last=np.exp(p.last)) for p in prepared]
     for part in ("val", "test"):
         ratios_1, ratios_all, per_series = [], [], {}
         for p, sp, fc in zip(prepared, splits, forecasts, strict=True):

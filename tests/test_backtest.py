@@ -142,3 +142,30 @@ def test_shipped_model_accuracy_on_ett_oil_temperature() -> None:
 
 
 SHIPPED_H1, SHIPPED_MEAN = 0.822, 0.718  # pooled over the four OT series, measured 2026-11-27
+
+
+def test_log_target_is_served_in_price_units(tmp_path: Path) -> None:
+    """--target-transform log: the model learns log returns, forecasts leave in prices, and the
+    engine's backtest still equals the training evaluation (parity through the transform)."""
+    rng = np.random.default_rng(1)
+    rows = ["symbol,timestamp,close"]
+    for sym, level in (("AAA", 50.0), ("BBB", 4000.0)):
+        price = level * np.exp(np.cumsum(rng.normal(0, 1e-3, 1200)))
+        rows += [f"{sym},{1_700_000_000_000 + 60_000 * i},{p:.4f}" for i, p in enumerate(price)]
+    data = tmp_path / "prices.csv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "log.pt"
+    common = ["--data", str(data), "--format", "long", "--target", "close"]
+    argv = ["train", *common, "--target-transform", "log", "--horizon", "3", "--layers", "8",
+            "--epochs", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    loaded = load_model(out)
+    assert loaded.meta.target_transform == "log"
+    series = load_series(data, fmt="long", target="close")
+    report = backtest(loaded, series, BacktestOptions(baselines=("persistence",)))
+    for name, scored in report["per_series"].items():
+        trained = loaded.meta.metrics["test"]["series"][name]
+        assert scored["model"]["mae_h1"] == pytest.approx(trained["mae_h1"], rel=1e-4)
+        # Price units: errors of the order of a 0.1% move, not of a log return (1e-3).
+        level = 50.0 if name == "AAA" else 4000.0
+        assert 1e-4 * level < scored["model"]["mae_h1"] < 1e-2 * level

@@ -236,6 +236,16 @@ def test_unknown_feature() -> None:
     assert "c" in out.detail
 
 
+@pytest.mark.parametrize("price", [0, -1.5, 0.0])
+def test_log_target_needs_a_positive_value(price: float) -> None:
+    rej = reject(doc(ts=TS, values={"close": price, "volume": 3}), features=("close", "volume"),
+                 positive=0)  # fmt: skip
+    assert rej.reason is Reason.OUT_OF_DOMAIN and "close" in rej.detail
+    assert tick(doc(ts=TS, value=1e-300), positive=0).values == (1e-300,)
+    assert tick(doc(ts=TS, values={"close": 5, "volume": 0}), features=("close", "volume"),
+                positive=0).values == (5.0, 0.0)  # fmt: skip
+
+
 def test_stream_field_must_be_encodable_as_a_record_key() -> None:
     # json.loads accepts a lone surrogate escape; such an id cannot become the forecast's key.
     value = b'{"ts": 1700000000, "value": 1, "stream": "bad\\ud800"}'

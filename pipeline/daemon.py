@@ -334,9 +334,9 @@ class Daemon:
         ticks = [r for r in polled.records if isinstance(r, Tick)]
         rejections = [r for r in polled.records if isinstance(r, Rejection)]
         batch = self.engine.process(ticks)
-        dropped: list[Tick] = []
+        dropped: list[Tick] = list(batch.missing)  # missing target: nothing to forecast from
         if batch.late and self.settings.input.late_policy == "drop":
-            dropped = list(batch.late)
+            dropped += batch.late
         elif batch.late:
             rejections += [_late_rejection(t) for t in batch.late]
         sink.send_forecasts(batch, self.engine.version)

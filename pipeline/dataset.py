@@ -92,7 +92,9 @@ def _wide(
     if target and target not in names:
         names = [target, *names]
     cols = [_column(path, header, n) for n in names]
-    return [_complete(f"{stem}.{target or names[0]}", ts, _floats(path, rows, cols), names)]
+    return [
+        apply_missing_rules(f"{stem}.{target or names[0]}", ts, _floats(path, rows, cols), names)
+    ]
 
 
 def _long(
@@ -113,15 +115,20 @@ def _long(
     for r in rows:
         groups[r[scol]].append(r)
     return [
-        _complete(stream, _times(path, grows, tcols), _floats(path, grows, cols), names)
+        apply_missing_rules(stream, _times(path, grows, tcols), _floats(path, grows, cols), names)
         for stream, grows in groups.items()
     ]
 
 
-def _complete(name: str, ts: F64, values: F64, names: list[str]) -> Series:
-    """Apply the missing-value rules (module docstring); column 0 is the target."""
-    values = values.copy()
-    for c in range(1, values.shape[1]):  # covariates: carry the previous value forward
+def apply_missing_rules(name: str, ts: F64, values: F64, names: list[str]) -> Series:
+    """Apply the missing-value rules (module docstring) as the engine does; column 0 is the target.
+
+    Rows with a missing target go first, so a covariate is carried forward from the previous
+    *kept* row: the value the stream's state holds.
+    """
+    kept = ~np.isnan(values[:, 0])
+    ts, values = ts[kept], values[kept].copy()
+    for c in range(1, values.shape[1]):
         col = values[:, c]
         seen = np.where(~np.isnan(col), np.arange(len(col)), -1)
         np.maximum.accumulate(seen, out=seen)

@@ -40,6 +40,9 @@ class ForecastBatch:
     forecast: F64  # (N, H) next H values of the target feature, stream units
     warm: npt.NDArray[np.bool_]  # (N,)
     late: Sequence[Tick] = ()
+    # Ticks whose target is missing (or a covariate with nothing to carry forward): no state
+    # change, no forecast; the caller counts them as dropped.
+    missing: Sequence[Tick] = ()
     # Scored one-step forecasts of warm streams: |actual - forecast| and |actual - last value|,
     # both divided by the stream's scale (scale-free, so streams of any size can be averaged).
     error: F64 = field(default_factory=lambda: np.zeros(0))
@@ -116,9 +119,11 @@ class Engine:
         if n == 0:
             return ForecastBatch(ticks, seq, forecast, warm)
         late = np.zeros(n, dtype=bool)
+        missing = np.zeros(n, dtype=bool)
         rank, streams, stream_index = _rank_by_stream(ticks)
         slot_of_tick = self.store.slots_for(streams)[stream_index]  # (N,)
         values = np.array([t.values for t in ticks], dtype=np.float64)  # (N, F)
+        any_missing = bool(np.isnan(values).any())
         log_target = self.meta.target_transform == "log"
         if log_target:  # the decoder rejected values <= 0; state and scores live in log units
             values[:, self.target] = np.log(values[:, self.target])
@@ -137,10 +142,16 @@ class Engine:
                 rows = rows[~is_late]
                 if len(rows) == 0:
                     continue
+            vals = values[rows]
+            if any_missing:
+                rows, vals, skipped = self._fill_missing(rows, vals, slot_of_tick[rows])
+                missing[skipped] = True
+                if len(rows) == 0:
+                    continue
             t0 = time.perf_counter()
             slots = slot_of_tick[rows]
-            scored.append(self._score(slots, values[rows]))
-            out, bad = self._wave(slots, values[rows], ts[rows])
+            scored.append(self._score(slots, vals))
+            out, bad = self._wave(slots, vals, ts[rows])
             model_seconds += time.perf_counter() - t0
             resets += bad
             forecast[rows], warm[rows] = out
@@ -156,19 +167,38 @@ class Engine:
             "model_seconds": model_seconds,
             "resets": resets,
         }
-        if not late.any():
+        if not late.any() and not missing.any():
             return ForecastBatch(ticks, seq, forecast, warm, (), **stats)  # type: ignore[arg-type]
-        keep = ~late
+        keep = ~(late | missing)
         accepted = [t for t, ok in zip(ticks, keep.tolist(), strict=True) if ok]
         late_ticks = [t for t, bad in zip(ticks, late.tolist(), strict=True) if bad]
+        missing_ticks = [t for t, bad in zip(ticks, missing.tolist(), strict=True) if bad]
         return ForecastBatch(
             accepted,
             seq[keep],
             forecast[keep],
             warm[keep],
             late_ticks,
+            missing_ticks,
             **stats,  # type: ignore[arg-type]
         )
+
+    def _fill_missing(self, rows: I64, vals: F64, slots: I64) -> tuple[I64, F64, I64]:
+        """Carry missing covariates forward from each stream's previous tick; split off the rows
+        that still lack a value (target missing, or a covariate the stream never had).
+
+        Returns the rows to process, their completed values, and the skipped rows.
+        """
+        gaps = np.isnan(vals)
+        if not gaps.any():
+            return rows, vals, rows[:0]
+        norm = self.store.normalizer
+        carry = gaps & (norm.count[slots] > 0)[:, None]
+        carry[:, self.target] = False
+        vals = vals.copy()
+        vals[carry] = norm.last[slots][carry]
+        skip = np.isnan(vals).any(axis=1)
+        return rows[~skip], vals[~skip], rows[skip]
 
     def _score(self, slots: I64, values: F64) -> tuple[F64, F64]:
         """Scaled errors of the previous one-step forecasts of warm streams, before the update."""

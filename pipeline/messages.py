@@ -3,6 +3,10 @@
 Input record: key = stream id (UTF-8); value = JSON object with ``ts`` (epoch seconds as a number,
 epoch milliseconds as an integer above 10^11, or an ISO-8601 string) and either ``value`` (a number)
 or ``values`` (an object of named numbers). A ``stream`` field stands in for a missing key.
+A value written ``null`` or ``"NA"`` is *missing*: the Tick carries NaN there, and the engine skips
+a tick whose target is missing (state untouched, counted as dropped) and carries a missing
+covariate forward from the stream's previous tick. The JSON token ``NaN`` is not missing but
+``non_finite`` (a dead letter).
 
 :func:`decode` turns any bytes into a :class:`Tick` or a :class:`Rejection`; it never raises.
 """
@@ -138,7 +142,7 @@ def _values(doc: dict[str, Any], features: Sequence[str]) -> tuple[float, ...]:
                 Reason.MISSING_FIELD,
                 f"the model needs 'values' with {list(features)}, got a single 'value'",
             )
-        return (_number(doc["value"], "value"),)
+        return (_number_or_missing(doc["value"], "value"),)
     if "values" not in doc:
         raise _Reject(Reason.MISSING_FIELD, "neither 'value' nor 'values' is present")
     named = doc["values"]
@@ -150,7 +154,17 @@ def _values(doc: dict[str, Any], features: Sequence[str]) -> tuple[float, ...]:
     missing = [f for f in features if f not in named]
     if missing:
         raise _Reject(Reason.MISSING_FIELD, f"values lacks feature(s) {missing}")
-    return tuple(_number(named[f], f"values.{f}") for f in features)
+    return tuple(_number_or_missing(named[f], f"values.{f}") for f in features)
+
+
+MISSING = (None, "NA")  # JSON null or the string "NA": no observation (not the NaN token)
+
+
+def _number_or_missing(raw: Any, name: str) -> float:
+    """A number, or NaN for a missing value (the engine skips or carries it; module docstring)."""
+    if raw is None or raw == "NA":
+        return math.nan
+    return _number(raw, name)
 
 
 def _stream(key: bytes | None, doc: dict[str, Any]) -> str:
@@ -198,7 +212,7 @@ def decode(
             raise _Reject(Reason.MISSING_FIELD, "'ts' is missing")
         ts = _parse_ts(doc["ts"])
         values = _values(doc, features)
-        if positive is not None and not values[positive] > 0:
+        if positive is not None and not values[positive] > 0 and not math.isnan(values[positive]):
             raise _Reject(
                 Reason.OUT_OF_DOMAIN,
                 f"{features[positive]} = {values[positive]!r}: the model takes its log, needs > 0",

@@ -365,8 +365,9 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
     meta = ModelMeta(
         config=config,
         normalizer=norm_cfg,
-        features=["value"] if args.target is None and features is None else feature_names,
-        target="value" if args.target is None and features is None else target_name,
+        # A univariate model reads ticks' "value" whatever the column was called in the CSV.
+        features=["value"] if len(feature_names) == 1 else feature_names,
+        target="value" if len(feature_names) == 1 else target_name,
         target_transform=args.target_transform,
         name=args.name,
         train_command="pipeline " + " ".join(shlex.quote(a) for a in argv),

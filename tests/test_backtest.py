@@ -169,3 +169,43 @@ def test_log_target_is_served_in_price_units(tmp_path: Path) -> None:
         # Price units: errors of the order of a 0.1% move, not of a log return (1e-3).
         level = 50.0 if name == "AAA" else 4000.0
         assert 1e-4 * level < scored["model"]["mae_h1"] < 1e-2 * level
+
+
+def test_missing_values_in_live_ticks_match_the_training_rules(small_model: Path) -> None:
+    """Raw rows with NAs, fed to the engine as the daemon would (NaN = missing), give the same
+    forecasts as the completed series training sees; skipped rows leave no trace in the state."""
+    import csv
+    from datetime import UTC, datetime
+
+    from pipeline.dataset import apply_missing_rules
+    from pipeline.engine import Engine
+    from pipeline.messages import Source, Tick
+
+    loaded = load_model(small_model)
+    cols = ["PM2.5", "TEMP", "DEWP", "WSPM"]
+    with EXCERPT.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["station"] == "Dongsi"]
+    raw = np.array([[np.nan if r[c] == "NA" else float(r[c]) for c in cols] for r in rows])
+    ts = np.array([datetime(int(r["year"]), int(r["month"]), int(r["day"]), int(r["hour"]),
+                            tzinfo=UTC).timestamp() for r in rows])  # fmt: skip
+    raw[[0, 1, 40, 41, 42, 900], 1] = np.nan  # covariate gaps, one before any value
+    raw[[300, 301, 1500], 3] = np.nan
+    assert np.isnan(raw[:, 0]).sum() > 10  # the excerpt's own missing targets
+    completed = apply_missing_rules("Dongsi", ts, raw, cols)
+    assert 30 < len(raw) - len(completed.ts) < 60
+
+    def serve(times: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, int]:
+        engine, out, skipped = Engine(loaded), [], 0
+        ticks = [Tick("Dongsi", float(t), tuple(v), Source("t", 0, i))
+                 for i, (t, v) in enumerate(zip(times, values, strict=True))]  # fmt: skip
+        for i in range(0, len(ticks), 50):
+            batch = engine.process(ticks[i : i + 50])
+            out.append(batch.forecast)
+            skipped += len(batch.missing)
+            assert np.isfinite(batch.forecast).all()
+        return np.concatenate(out), skipped
+
+    served, skipped = serve(ts, raw)
+    expected, none = serve(completed.ts, completed.values)
+    assert none == 0 and skipped == len(raw) - len(completed.ts)
+    np.testing.assert_allclose(served, expected, rtol=1e-9)

@@ -165,7 +165,6 @@ def test_missing_field(value: bytes, features: tuple[str, ...]) -> None:
         (doc(ts=1_700_000_000, value="NaN"), ("value",)),
         (doc(ts=1_700_000_000, value=True), ("value",)),  # bool is not a number
         (doc(ts=1_700_000_000, value=False), ("value",)),
-        (doc(ts=1_700_000_000, value=None), ("value",)),
         (doc(ts=1_700_000_000, value=[1.0]), ("value",)),
         (doc(ts=1_700_000_000, value={"x": 1}), ("value",)),
         (doc(ts=1_700_000_000, values=[1, 2]), AB),  # values must be an object
@@ -234,6 +233,15 @@ def test_unknown_feature() -> None:
     out = reject(value, features=AB)
     assert out.reason is Reason.UNKNOWN_FEATURE
     assert "c" in out.detail
+
+
+@pytest.mark.parametrize("missing", [None, "NA"])
+def test_null_and_na_are_missing_values(missing: Any) -> None:
+    assert math.isnan(tick(doc(ts=TS, value=missing)).values[0])
+    got = tick(doc(ts=TS, values={"a": 1, "b": missing}), features=AB).values
+    assert got[0] == 1.0 and math.isnan(got[1])
+    assert reject(doc(ts=TS, value="na")).reason is Reason.BAD_TYPE  # only these two spellings
+    assert reject(b'{"ts": 1700000000, "value": NaN}').reason is Reason.NON_FINITE
 
 
 @pytest.mark.parametrize("price", [0, -1.5, 0.0])
@@ -313,7 +321,8 @@ def _check(out: Tick | Rejection, key: bytes | None, value: bytes, n_features: i
         assert isinstance(out.ts, float) and math.isfinite(out.ts)
         assert 0.0 <= out.ts <= 7_258_118_400.0
         assert len(out.values) == n_features
-        assert all(isinstance(v, float) and math.isfinite(v) for v in out.values)
+        # NaN only where the document said null or "NA" (missing); the NaN token is non_finite
+        assert all(isinstance(v, float) and not math.isinf(v) for v in out.values)
         assert out.source == SRC
     else:
         assert isinstance(out, Rejection)

@@ -19,7 +19,11 @@ T0 = 1_700_000_000.0
 
 
 def _bad(rng: random.Random, stream: bytes, t: int) -> tuple[bytes | None, bytes, str]:
-    kind = rng.randrange(9)
+    kind = rng.randrange(11)
+    if kind == 9:  # a missing value: no forecast, no dead letter, counted as dropped
+        return stream, json.dumps({"ts": T0 + t, "value": None}).encode(), "missing"
+    if kind == 10:
+        return stream, json.dumps({"ts": T0 + t, "value": "NA"}).encode(), "missing"
     if kind == 0:
         return stream, b'{"ts": 17000', "invalid_json"
     if kind == 1:
@@ -54,7 +58,7 @@ def test_ten_thousand_bad_records_are_all_accounted_for(
             good.append((f"g{s:02d}".encode(), json.dumps({"ts": T0 + t, "value": value}).encode()))
     mixed: list[tuple[bytes | None, bytes | None]] = []
     expected = Counter()
-    bad_per_good = 10_000 / len(good)
+    bad_per_good = 12_300 / len(good)
     owed = 0.0
     for i, rec in enumerate(good):
         owed += bad_per_good
@@ -64,7 +68,8 @@ def test_ten_thousand_bad_records_are_all_accounted_for(
             expected[reason] += 1
             owed -= 1
         mixed.append(rec)
-    assert sum(expected.values()) >= 10_000
+    missing = expected.pop("missing")
+    assert sum(expected.values()) >= 10_000 and missing > 1_000
 
     clean_names = unique("clean"), unique("fc"), unique("dlq"), unique("g")
     dirty_names = unique("dirty"), unique("fc"), unique("dlq"), unique("g")
@@ -102,6 +107,9 @@ def test_ten_thousand_bad_records_are_all_accounted_for(
             labels = dict(kv.split("=") for kv in key[key.index("{") + 1 : -1].split(","))
             per_partition[int(labels["partition"])] -= int(value)
     assert all(v == 0 for v in per_partition.values()), per_partition
+    dropped = sum(int(v) for k, v in m.items() if k.startswith("pipeline_records_total{")
+                  and "outcome=dropped" in k)  # fmt: skip
+    assert dropped == missing
     assert _metrics(port)["pipeline_forecasts_emitted_total{topic=" + dirty_names[1] + "}"] == len(
         good
     )

@@ -15,7 +15,8 @@ which alone would use up the engine's budget (see docs/decisions.md).
 
 Model inputs per tick (float32, shape ``(N, 2F + 1)``): for each feature the level z-score
 ``(x - mean) / std`` and the change ``(x - last) / scale``, then ``log(dt / dt_mean)``; all clipped
-to ``±clip``. Targets and forecasts are changes of the target feature from its last value, in units
+to ``±clip``. With ``calendar``, four more: sin/cos of the time of day and of the day of week.
+Targets and forecasts are changes of the target feature from its last value, in units
 of ``scale * sqrt(h)`` for step h: ``forecast[h] = last + scale * sqrt(h) * y[h]``.
 Statistics include the current tick.
 """
@@ -42,6 +43,9 @@ class NormalizerConfig:
     dt_alpha: float = 0.05  # fading factor of the inter-tick time
     clip: float = 10.0  # inputs are clipped to ±clip
     warmup: int = 20  # forecasts are marked warm from this many ticks on
+    # Calendar inputs: sin/cos of the time of day and of the day of week of ``ts`` (UTC; write
+    # local times as naive timestamps if local hours matter). Four extra inputs.
+    calendar: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +91,7 @@ class Normalizer:
 
     @property
     def n_inputs(self) -> int:
-        return 2 * self.n_features + 1
+        return 2 * self.n_features + 1 + (4 if self.config.calendar else 0)
 
     def grow(self, capacity: int) -> None:
         """Enlarge every array to ``capacity`` rows; new rows are fresh (count 0)."""
@@ -147,7 +151,13 @@ class Normalizer:
         inputs[:, 0 : 2 * self.n_features : 2] = np.clip((x - new_mean) / std, -clip, clip)
         inputs[:, 1 : 2 * self.n_features : 2] = np.clip(change / scale, -clip, clip)
         ratio = np.where(n <= 2, 1.0, (dt + 1e-9) / (self.dt_mean[slots] + 1e-9))
-        inputs[:, -1] = np.clip(np.log(ratio), -clip, clip)
+        dt_col = 2 * self.n_features
+        inputs[:, dt_col] = np.clip(np.log(ratio), -clip, clip)
+        if cfg.calendar:
+            day = 2 * np.pi * np.mod(ts, 86_400.0) / 86_400.0
+            week = 2 * np.pi * np.mod(ts + 3 * 86_400.0, 7 * 86_400.0) / (7 * 86_400.0)  # Monday 0
+            inputs[:, dt_col + 1], inputs[:, dt_col + 2] = np.sin(day), np.cos(day)
+            inputs[:, dt_col + 3], inputs[:, dt_col + 4] = np.sin(week), np.cos(week)
         return NormalizedStep(
             inputs=inputs,
             last=x[:, target].copy(),

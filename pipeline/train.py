@@ -295,6 +295,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", type=int, default=24)
     p.add_argument("--target-transform", choices=["none", "log"], default="none",
                    help="log: model log changes (log returns), forecast prices")  # fmt: skip
+    p.add_argument("--calendar", action="store_true",
+                   help="add time-of-day and day-of-week inputs (from the tick's ts)")  # fmt: skip
     p.add_argument("--cell", choices=["gru", "lstm", "rnn"], default="gru")
     p.add_argument("--layers", default="64,32", help="hidden sizes, comma-separated")
     p.add_argument("--epochs", type=int, default=30)
@@ -339,7 +341,7 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
     target = feature_names.index(target_name)
     if args.target_transform == "log":
         series = [log_target(s, target) for s in series]
-    norm_cfg = NormalizerConfig()
+    norm_cfg = NormalizerConfig(calendar=args.calendar)
     fractions = tuple(float(f) for f in args.split.split(","))
     if len(fractions) != 2 or min(fractions) <= 0 or sum(fractions) >= 1:
         raise DataError(f"--split {args.split!r}: give train,val fractions summing below 1")

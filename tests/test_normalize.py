@@ -280,3 +280,26 @@ def test_reset_makes_a_slot_new() -> None:
         assert out.count[0] == new.count[0] == t - 29
         np.testing.assert_array_equal(out.inputs[1], other.inputs[0])  # untouched neighbour
         assert out.count[1] == t + 1
+
+
+def test_calendar_inputs_encode_time_of_day_and_day_of_week() -> None:
+    norm = Normalizer(NormalizerConfig(calendar=True), n_features=1, capacity=2)
+    assert norm.n_inputs == 7
+    monday_6am = 1_704_067_200.0 + 6 * 3600  # 2024-01-01 was a Monday (UTC)
+    thursday_noon = 1_704_067_200.0 + 3 * 86_400 + 12 * 3600
+    out = norm.step(
+        np.array([0, 1]), np.array([[1.0], [2.0]]), np.array([monday_6am, thursday_noon])
+    )
+    day_sin, day_cos, week_sin, week_cos = out.inputs[:, 3:].T
+    np.testing.assert_allclose([day_sin[0], day_cos[0]], [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose([day_sin[1], day_cos[1]], [0.0, -1.0], atol=1e-6)
+    phase = 2 * np.pi * (6 / 24) / 7  # a quarter day into the week
+    np.testing.assert_allclose(
+        [week_sin[0], week_cos[0]], [np.sin(phase), np.cos(phase)], atol=1e-6
+    )
+    phase = 2 * np.pi * 3.5 / 7
+    np.testing.assert_allclose(
+        [week_sin[1], week_cos[1]], [np.sin(phase), np.cos(phase)], atol=1e-6
+    )
+    plain = Normalizer(NormalizerConfig(), n_features=1, capacity=1)
+    assert plain.n_inputs == 3  # models saved before the option read the same inputs

@@ -141,7 +141,7 @@ def test_shipped_model_accuracy_on_ett_oil_temperature() -> None:
     assert model["ratio_mean"] <= SHIPPED_MEAN + 0.02
 
 
-SHIPPED_H1, SHIPPED_MEAN = 0.822, 0.718  # pooled over the four OT series, measured 2026-11-27
+SHIPPED_H1, SHIPPED_MEAN = 0.762, 0.614  # pooled over the four OT series, measured 2026-11-27
 
 
 def test_log_target_is_served_in_price_units(tmp_path: Path) -> None:

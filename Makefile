@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install system-deps run test lint typecheck unit bench train clean
+.PHONY: help install system-deps run test lint typecheck unit bench train accuracy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -47,6 +47,9 @@ train: $(STAMP)  ## retrain the shipped default model (command recorded in its m
 	  --data $(DATA)/ETTm1.csv.gz --data $(DATA)/ETTm2.csv.gz --target OT --horizon 24 \
 	  --layers 64,32 --loss mae --batch-lanes 16 --epochs 15 --seed 0 --threads 1 \
 	  --name ett-gru --out pipeline/models/default.pt
+
+accuracy: $(STAMP)  ## train per data set and backtest: the README accuracy table (~45 min)
+	bash benchmarks/accuracy.sh $(DATA) out/accuracy
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -408,10 +408,14 @@ def backtest_main(args: argparse.Namespace) -> int:
     hw = tuple(float(v) for v in args.holt_winters.split(","))
     if len(hw) != 3 or not all(0 < v < 1 for v in hw):
         raise DataError(f"--holt-winters {args.holt_winters!r}: give alpha,beta,gamma in (0, 1)")
+    baselines = tuple(b for b in args.baselines.split(",") if b)
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise DataError(f"--baselines: unknown {unknown}; choose from {','.join(BASELINES)}")
     opts = BacktestOptions(
         holt_winters=hw,
         season=args.season,
-        baselines=tuple(b for b in args.baselines.split(",") if b),
+        baselines=baselines,
         snarimax_order=order,
         split=(split[0], split[1]),
     )

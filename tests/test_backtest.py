@@ -209,3 +209,22 @@ def test_missing_values_in_live_ticks_match_the_training_rules(small_model: Path
     expected, none = serve(completed.ts, completed.values)
     assert none == 0 and skipped == len(raw) - len(completed.ts)
     np.testing.assert_allclose(served, expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [
+        (["--baselines", "persistence,arima"], "--baselines"),
+        (["--split", "0.9,0.2"], "--split"),
+        (["--snarimax-order", "1,2"], "--snarimax-order"),
+        (["--target", "PM9"], "PM9"),
+    ],
+)
+def test_backtest_option_errors_name_the_option(
+    extra: list[str], names: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["backtest", "--data", str(EXCERPT), "--format", "long", "--stream-col", "station",
+            "--time-col", "year,month,day,hour", "--target", "PM2.5", *extra]  # fmt: skip
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("pipeline backtest: error:") and names in err and "Traceback" not in err

@@ -8,10 +8,12 @@ import random
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.cli import main as cli_main
 from pipeline.embedded import free_port
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 
@@ -229,3 +231,65 @@ def test_late_ticks_follow_the_policy_and_outcomes_reconcile(
         assert outcomes["dead_letter"] == len(late)
     else:
         assert outcomes["dropped"] == len(late)
+
+
+def test_multivariate_price_model_with_gaps_end_to_end(
+    bootstrap: str, start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """A model trained by `pipeline train` with a covariate and a log target, served by the
+    daemon: `values` ticks, forecasts in price units, a missing covariate carried forward, a
+    missing target dropped and counted, a non-positive price dead-lettered as out_of_domain."""
+    rng = random.Random(3)
+    rows, history = ["symbol,timestamp,close,volume"], {}
+    for sym, level in (("AAA", 40.0), ("BBB", 900.0)):
+        price, prices = level, []
+        for i in range(800):
+            price *= math.exp(rng.gauss(0, 2e-3))
+            prices.append(price)
+            rows.append(f"{sym},{1_700_000_000_000 + 60_000 * i},{price:.5f},{rng.randint(1, 900)}")
+        history[sym] = prices
+    data = tmp_path / "prices.csv"
+    data.write_text("\n".join(rows) + "\n")
+    model = tmp_path / "px.pt"
+    argv = ["train", "--data", str(data), "--format", "long", "--target", "close",
+            "--features", "close,volume", "--target-transform", "log", "--horizon", "5",
+            "--layers", "8", "--epochs", "1", "--threads", "1", "--out", str(model)]  # fmt: skip
+    assert cli_main(argv) == 0
+
+    names = _topics(bootstrap, 2)
+    port = free_port()
+    start_daemon([*_daemon_args(bootstrap, names, port), "--model", str(model)])
+    ticks, last_price = [], {}
+    for i in range(30):
+        for sym, prices in history.items():
+            values: dict[str, object] = {"close": prices[i], "volume": 100 + i}
+            if i == 10:
+                values["volume"] = None  # carried forward: still a forecast
+            if i == 20:
+                values["close"] = "NA"  # missing target: dropped, no forecast
+            ticks.append((sym.encode(), json.dumps({"ts": T0 + 60 * i, "values": values}).encode()))
+            last_price[sym] = prices[i]
+    ticks.append(
+        (b"AAA", json.dumps({"ts": T0 + 1800, "values": {"close": 0, "volume": 1}}).encode())
+    )
+    produce(bootstrap, names[0], ticks)
+
+    forecasts = [r.json() for r in read_topic(bootstrap, names[1], 58)]
+    dead = read_topic(bootstrap, names[2], 1)
+    assert [r.headers["error"] for r in dead] == [b"out_of_domain"]
+    for sym in history:
+        mine = sorted((d for d in forecasts if d["stream"] == sym), key=lambda d: d["seq"])
+        assert [d["seq"] for d in mine] == list(range(1, 30))  # 30 ticks, one target missing
+        assert all(abs(f / last_price[sym] - 1) < 0.05 for f in mine[-1]["forecast"])  # prices
+    import time
+
+    deadline = time.monotonic() + 15
+    while True:
+        outcomes: dict[str, int] = defaultdict(int)
+        for key, value in _metrics(port).items():
+            if key.startswith("pipeline_records_total{"):
+                outcomes[key.split("outcome=")[1].split(",")[0]] += int(value)
+        if sum(outcomes.values()) >= len(ticks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert dict(outcomes) == {"forecast": 58, "dead_letter": 1, "dropped": 2}

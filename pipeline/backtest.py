@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dataset import Series, load_series
+from pipeline.dataset import Series, add_data_arguments, load_data
 from pipeline.engine import Engine
 from pipeline.errors import DataError
 from pipeline.messages import Source, Tick
@@ -353,15 +353,10 @@ def plot(report: dict[str, Any], path: Path, last: int = 300) -> bool:
 
 
 def add_backtest_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, action="append", required=True, help="CSV (repeatable)")
     p.add_argument("--model", dest="models", type=Path, action="append",
                    help="model .pt (repeatable: several models are compared in one table); "
                         "default: the shipped model")  # fmt: skip
-    p.add_argument("--format", choices=["wide", "long"], default="wide")
-    p.add_argument("--target", help="target column (default: every numeric column is a series)")
-    p.add_argument("--features", help="comma-separated input columns (as when trained)")
-    p.add_argument("--stream-col", default="symbol", help="long format: stream id column")
-    p.add_argument("--time-col", help="time column (wide: first column; long: timestamp)")
+    add_data_arguments(p)
     p.add_argument("--series", help="comma-separated series names to keep (default: all)")
     p.add_argument("--split", default="0.6,0.2",
                    help="train,validation fractions; the rest is scored")  # fmt: skip
@@ -378,11 +373,8 @@ def add_backtest_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_all(args: argparse.Namespace) -> list[Series]:
-    features = args.features.split(",") if args.features else None
-    series: list[Series] = []
-    for path in args.data:
-        series += load_series(path, fmt=args.format, target=args.target, features=features,
-                              stream_col=args.stream_col, time_col=args.time_col)  # fmt: skip
+    """The series to score: every one in ``--data``, or those named by ``--series``."""
+    series = load_data(args)
     if args.series:
         keep = set(args.series.split(","))
         series = [s for s in series if s.name in keep]

@@ -13,6 +13,7 @@ stream's previous value of that column, and rows before a covariate's first valu
 
 from __future__ import annotations
 
+import argparse
 import csv
 from collections import defaultdict
 from collections.abc import Sequence
@@ -60,6 +61,31 @@ def load_series(
     if not target:
         raise DataError("long format needs --target (the value column)", path=str(path))
     return _long(path, header, rows, target, features, stream_col, time_col or "timestamp")
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The CSV options shared by ``pipeline train`` and ``pipeline backtest``."""
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="CSV or .csv.gz file (repeatable)")  # fmt: skip
+    p.add_argument("--format", choices=["wide", "long"], default="wide")
+    p.add_argument("--target", help="target column (default: every numeric column is a series)")
+    p.add_argument("--features", help="comma-separated input columns (default: the target)")
+    p.add_argument("--stream-col", default="symbol", help="long format: stream id column")
+    p.add_argument("--time-col",
+                   help="time column, or year,month,day[,hour] columns (wide: first column; "
+                        "long: timestamp)")  # fmt: skip
+
+
+def load_data(args: argparse.Namespace) -> list[Series]:
+    """Every series of ``args.data`` read with the options of :func:`add_data_arguments`."""
+    features = args.features.split(",") if args.features else None
+    series: list[Series] = []
+    for path in args.data:
+        series += load_series(path, fmt=args.format, target=args.target, features=features,
+                              stream_col=args.stream_col, time_col=args.time_col)  # fmt: skip
+    if not series:
+        raise DataError("no series found in the data files", path=str(args.data[0]))
+    return series
 
 
 def _column(path: Path, header: list[str], name: str) -> int:

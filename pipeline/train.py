@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.dataset import Series, load_series
+from pipeline.dataset import Series, add_data_arguments, load_data
 from pipeline.errors import DataError
 from pipeline.model import Forecaster, ModelConfig, ModelMeta, save_model
 from pipeline.normalize import F32, F64, Normalizer, NormalizerConfig, horizon_scale
@@ -280,18 +280,7 @@ def fingerprint(paths: list[Path]) -> dict[str, Any]:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data",
-        type=Path,
-        action="append",
-        required=True,
-        help="CSV file (repeatable); each column or stream is a series",
-    )
-    p.add_argument("--format", choices=["wide", "long"], default="wide")
-    p.add_argument("--target", help="target column (default: every numeric column is a series)")
-    p.add_argument("--features", help="comma-separated input columns (default: the target)")
-    p.add_argument("--stream-col", default="symbol", help="long format: stream id column")
-    p.add_argument("--time-col", help="time column (wide: first column; long: timestamp)")
+    add_data_arguments(p)
     p.add_argument("--horizon", type=int, default=24)
     p.add_argument("--target-transform", choices=["none", "log"], default="none",
                    help="log: model log changes (log returns), forecast prices")  # fmt: skip
@@ -323,19 +312,7 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    features = args.features.split(",") if args.features else None
-    series: list[Series] = []
-    for path in args.data:
-        series += load_series(
-            path,
-            fmt=args.format,
-            target=args.target,
-            features=features,
-            stream_col=args.stream_col,
-            time_col=args.time_col,
-        )
-    if not series:
-        raise DataError("no series found in the data files", path=str(args.data[0]))
+    series = load_data(args)
     feature_names = series[0].features
     target_name = args.target or feature_names[0]
     target = feature_names.index(target_name)

@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
 from pipeline import metrics
@@ -25,14 +24,14 @@ from pipeline.config import Settings
 from pipeline.engine import Engine, ForecastBatch
 from pipeline.errors import (
     BrokerError,
-    PipelineError,
     TransactionFailed,
     TransactionsUnsupported,
 )
 from pipeline.kafka_admin import ensure_topics, partitions_of, probe
 from pipeline.messages import Reason, Rejection, Tick
-from pipeline.model import LoadedModel, load_model
+from pipeline.model import LoadedModel
 from pipeline.quality import Quality
+from pipeline.reload import ModelWatcher, reload_model
 from pipeline.sink import Sink
 from pipeline.source import Polled, Source
 
@@ -77,10 +76,7 @@ class Daemon:
         self._needs_recover = False  # a transaction failed: rewind and restore before going on
         # Set while the group owes this member an assignment (after a revoke, or since joining).
         self._awaiting_assignment_since: float | None = None
-        self.model_path = loaded.path
-        self._model_mtime = _mtime(loaded.path)
-        self._next_model_check = time.monotonic() + settings.model.watch_seconds
-        self._reload_requested = False
+        self.model_watch = ModelWatcher(loaded.path, settings.model.watch_seconds)
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if not self.stop_event.is_set():
@@ -93,34 +89,12 @@ class Daemon:
         signal.signal(signal.SIGHUP, self.request_reload)
 
     def request_reload(self, signum: int | None = None, frame: FrameType | None = None) -> None:
-        self._reload_requested = True
+        self.model_watch.request()
 
     def _maybe_reload(self, now: float) -> None:
-        """Reload on SIGHUP, or when the model file's mtime changed (checked periodically)."""
-        path = self.model_path
-        if not self._reload_requested and (
-            self.settings.model.watch_seconds <= 0 or now < self._next_model_check
-        ):
-            return
-        self._next_model_check = now + self.settings.model.watch_seconds
-        mtime = _mtime(path)
-        if not self._reload_requested and mtime == self._model_mtime:
-            return
-        self._reload_requested, self._model_mtime = False, mtime
-        try:
-            outcome = self.engine.swap_model(load_model(path))
-        except (PipelineError, ValueError) as exc:
-            metrics.MODEL_RELOADS.labels("failed").inc()
-            log.warning(
-                "event=model_reload_failed path=%s error=%s action=keep_serving_old", path, exc
-            )
-            return
-        metrics.MODEL_RELOADS.labels(outcome).inc()
-        if outcome == "rewarmed":
-            metrics.STREAMS_REWARMED.inc(len(self.engine.store))
-        self._publish_model_info()
-        log.info("event=model_reloaded version=%s outcome=%s streams=%d", self.engine.version,
-                 outcome, len(self.engine.store))  # fmt: skip
+        """Reload on SIGHUP, or when the model file changed (pipeline/reload.py)."""
+        if self.model_watch.due(now) and reload_model(self.engine, self.model_watch.path):
+            self._publish_model_info()
 
     def run(self) -> None:
         """Run until :meth:`request_stop`; always flushes, commits and closes on the way out."""
@@ -544,10 +518,3 @@ def _late_rejection(tick: Tick) -> Rejection:
     """A late tick as a dead letter with its original bytes."""
     detail = f"ts {tick.ts} is older than the newest tick of stream {tick.stream!r}"
     return Rejection(Reason.LATE, detail, tick.raw_key, tick.raw_value, tick.source)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0

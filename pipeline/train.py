@@ -292,6 +292,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--loss", choices=["mse", "huber", "mae"], default="mse")
     p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--bptt", type=int, default=64,
+                   help="ticks per truncated-BPTT chunk (how far gradients reach)")  # fmt: skip
     p.add_argument("--batch-lanes", type=int, default=64,
                    help="training lanes (1,024-tick segments) per optimizer batch")  # fmt: skip
     p.add_argument("--split", default="0.6,0.2", help="train,validation fractions (rest: test)")
@@ -336,6 +338,7 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
         seed=args.seed,
         patience=args.patience,
         batch_lanes=args.batch_lanes,
+        bptt=args.bptt,
     )
     started = time.monotonic()
     history = fit(model, prepared, splits, cfg)

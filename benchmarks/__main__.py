@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,24 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
         return None
     return obj
+
+
+def _run_part(
+    name: str,
+    run: Callable[[Any], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    cfg: Any,
+) -> tuple[dict[str, Any], str]:
+    """Run one benchmark part with the background load noted beside it; print and return it."""
+    print(f"running {name} benchmark ...", flush=True)
+    load = busy_cores()
+    t0 = time.perf_counter()
+    result = run(cfg)
+    result["background_busy_cores"] = load
+    result["seconds"] = time.perf_counter() - t0
+    text = f"{load_note(load)}\n{render(result)}\n({name} part: {result['seconds']:.0f} s)"
+    print("\n" + text + "\n", flush=True)
+    return result, text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,15 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ecfg = engine_bench.EngineConfig.quick() if args.quick else engine_bench.EngineConfig()
         if args.repeats:
             ecfg.repeats = args.repeats
-        print("running engine benchmark ...", flush=True)
-        load = busy_cores()
-        t0 = time.perf_counter()
-        results["engine"] = engine_bench.run(ecfg)
-        results["engine"]["background_busy_cores"] = load
-        results["engine"]["seconds"] = time.perf_counter() - t0
-        text = load_note(load) + "\n" + engine_bench.render(results["engine"])
-        text += f"\n(engine part: {results['engine']['seconds']:.0f} s)"
-        print("\n" + text + "\n", flush=True)
+        results["engine"], text = _run_part("engine", engine_bench.run, engine_bench.render, ecfg)
         out_text.append(text)
     if "e2e" in parts:
         from . import e2e_bench
@@ -102,15 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not sep:
                 p.error(f"--daemon-env wants KEY=VALUE, got {item!r}")
             cfg.daemon_env[key] = value
-        print("running end-to-end benchmark ...", flush=True)
-        load = busy_cores()
-        t0 = time.perf_counter()
-        results["e2e"] = e2e_bench.run(cfg)
-        results["e2e"]["background_busy_cores"] = load
-        results["e2e"]["seconds"] = time.perf_counter() - t0
-        text = load_note(load) + "\n" + e2e_bench.render(results["e2e"])
-        text += f"\n(e2e part: {results['e2e']['seconds']:.0f} s)"
-        print("\n" + text + "\n", flush=True)
+        results["e2e"], text = _run_part("e2e", e2e_bench.run, e2e_bench.render, cfg)
         out_text.append(text)
     results["seconds"] = time.perf_counter() - started
     results["text"] = "\n\n".join([header, *out_text])

@@ -165,43 +165,18 @@ def launch(
     daemon_env: dict[str, str] | None = None,
 ) -> Any:
     env = dict(os.environ)
+    common = ["--bootstrap-servers", bootstrap, "--input-topic", topics.input,
+              "--output-topic", topics.output, "--group-id", group]  # fmt: skip
     if kind == "daemon":
         script = Path(sys.executable).parent / "pipeline"
         exe = [str(script)] if script.exists() else [shutil.which("pipeline") or "pipeline"]
-        cmd = [
-            *exe,
-            "run",
-            "--bootstrap-servers",
-            bootstrap,
-            "--input-topic",
-            topics.input,
-            "--output-topic",
-            topics.output,
-            "--dlq-topic",
-            topics.dlq,
-            "--group-id",
-            group,
-            "--metrics-port",
-            "0",
-            "--no-sample-feed",
-        ]
+        cmd = [*exe, "run", *common, "--dlq-topic", topics.dlq, "--metrics-port", "0",
+               "--no-sample-feed"]  # fmt: skip
         env["PIPELINE_KAFKA__SESSION_TIMEOUT_MS"] = "2000"
         env["PIPELINE_KAFKA__HEARTBEAT_INTERVAL_MS"] = "500"
         env.update(daemon_env or {})
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.passthrough",
-            "--bootstrap-servers",
-            bootstrap,
-            "--input-topic",
-            topics.input,
-            "--output-topic",
-            topics.output,
-            "--group-id",
-            group,
-        ]
+        cmd = [sys.executable, "-m", "benchmarks.passthrough", *common]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

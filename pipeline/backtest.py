@@ -37,6 +37,7 @@ from pipeline.errors import DataError
 from pipeline.messages import Source, Tick
 from pipeline.model import LoadedModel, load_model
 from pipeline.normalize import F64
+from pipeline.train import split_points
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ def engine_forecasts(
     about 4,096 ticks per batch), each a stream of its own, in the model's feature order.
     """
     meta = loaded.meta
-    order = [_feature_columns(s, meta.features) for s in series]
+    # Plain Python rows once per series: Tick wants floats, and per-row numpy access is slow.
+    columns = [s.values[:, _feature_columns(s, meta.features)].tolist() for s in series]
+    times = [s.ts.tolist() for s in series]
     engine = Engine(loaded, capacity=max(len(series), 1))
     horizon = loaded.model.config.horizon
     out = [np.zeros((len(s.ts), horizon)) for s in series]
@@ -115,10 +118,9 @@ def engine_forecasts(
         ticks: list[Tick] = []
         where: list[tuple[int, int]] = []
         for i, s in enumerate(series):
-            cols = order[i]
             for r in range(r0, min(r0 + rows, len(s.ts))):
-                values = tuple(float(v) for v in s.values[r, cols])
-                ticks.append(Tick(s.name, float(s.ts[r]), values, Source("backtest", i, r, 0)))
+                values = tuple(columns[i][r])
+                ticks.append(Tick(s.name, times[i][r], values, Source("backtest", i, r, 0)))
                 where.append((i, r))
         if not ticks:
             continue
@@ -229,7 +231,7 @@ def backtest(
     for i, s in enumerate(series):
         actual = s.values[:, s.features.index(target) if target else 0]
         n = len(actual)
-        window = Window(int(n * (opts.split[0] + opts.split[1])), n)
+        window = Window(split_points(n, opts.split).val_end, n)  # training's test part
         scale = naive_scale(actual, window.start)
         by_method = {"model": forecasts[i], **_baselines(actual, horizon, window, opts, timings)}
         per_series[s.name] = {"n": window.n - window.start, "naive_scale": scale}

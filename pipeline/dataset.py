@@ -111,8 +111,7 @@ def _wide(
             if i in tcols:
                 continue
             values = _floats(path, rows, [i])
-            keep = ~np.isnan(values[:, 0])
-            out.append(Series(f"{stem}.{col}", ts[keep], values[keep], ["value"]))
+            out.append(apply_missing_rules(f"{stem}.{col}", ts, values, ["value"]))
         return out
     names = list(features) if features else [target or ""]
     if target and target not in names:

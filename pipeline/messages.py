@@ -157,11 +157,9 @@ def _values(doc: dict[str, Any], features: Sequence[str]) -> tuple[float, ...]:
     return tuple(_number_or_missing(named[f], f"values.{f}") for f in features)
 
 
-MISSING = (None, "NA")  # JSON null or the string "NA": no observation (not the NaN token)
-
-
 def _number_or_missing(raw: Any, name: str) -> float:
-    """A number, or NaN for a missing value (the engine skips or carries it; module docstring)."""
+    """A number, or NaN for a missing value: JSON null or the string "NA" (not the NaN token);
+    the engine skips or carries it (module docstring)."""
     if raw is None or raw == "NA":
         return math.nan
     return _number(raw, name)

@@ -45,6 +45,7 @@ DATA ?= ../shared/data
 train: $(STAMP)  ## retrain the shipped default model (command recorded in its metadata)
 	$(BIN)/pipeline train --data $(DATA)/ETTh1.csv --data $(DATA)/ETTh2.csv \
 	  --data $(DATA)/ETTm1.csv.gz --data $(DATA)/ETTm2.csv.gz --target OT --horizon 24 \
+	  --split 12mo,4mo,4mo \
 	  --layers 64,32 --loss mae --batch-lanes 16 --epochs 15 --seed 0 --threads 1 \
 	  --name ett-gru --out pipeline/models/default.pt
 

@@ -9,28 +9,30 @@ P=${PIPELINE:-.venv/bin/pipeline}
 mkdir -p "$O"
 COMMON=(--loss mae --batch-lanes 16 --seed 0 --threads 1)
 ETT_COLS=HUFL,HULL,MUFL,MULL,LUFL,LULL,OT
+ETT_SPLIT=(--split 12mo,4mo,4mo)  # the ETT protocol: 12/4/4 months of 30 days from the start
 
 # The shipped model (univariate, all four ETT files; `make train` writes it in place).
 for f in ETTh1.csv ETTh2.csv ETTm1.csv.gz ETTm2.csv.gz; do
   s=${f%%.*}; season=24; [[ $s == ETTm* ]] && season=96
-  $P backtest --data "$D/$f" --target OT --season $season --out "$O/default-$s.json"
+  $P backtest --data "$D/$f" --target OT "${ETT_SPLIT[@]}" --season $season \
+    --out "$O/default-$s.json"
 done
 
 # One model per ETT file with the six load channels as covariates.
 for f in ETTh1.csv ETTh2.csv ETTm1.csv.gz ETTm2.csv.gz; do
   s=${f%%.*}; season=24; [[ $s == ETTm* ]] && season=96
-  $P train --data "$D/$f" --target OT --features $ETT_COLS "${COMMON[@]}" --epochs 20 \
+  $P train --data "$D/$f" --target OT --features $ETT_COLS "${ETT_SPLIT[@]}" "${COMMON[@]}" --epochs 20 \
     --name "$s-cov" --out "$O/$s-cov.pt"
-  $P backtest --data "$D/$f" --target OT --features $ETT_COLS --model "$O/$s-cov.pt" \
+  $P backtest --data "$D/$f" --target OT --features $ETT_COLS "${ETT_SPLIT[@]}" --model "$O/$s-cov.pt" \
     --season $season --out "$O/cov-$s.json"
 done
 
 # Cells compared on ETTh1 (same options as ETTh1-cov above).
 for c in lstm rnn; do
-  $P train --data "$D/ETTh1.csv" --target OT --features $ETT_COLS "${COMMON[@]}" --epochs 20 \
+  $P train --data "$D/ETTh1.csv" --target OT --features $ETT_COLS "${ETT_SPLIT[@]}" "${COMMON[@]}" --epochs 20 \
     --cell $c --name "ETTh1-cov-$c" --out "$O/ETTh1-cov-$c.pt"
 done
-$P backtest --data "$D/ETTh1.csv" --target OT --features $ETT_COLS --model "$O/ETTh1-cov.pt" \
+$P backtest --data "$D/ETTh1.csv" --target OT --features $ETT_COLS "${ETT_SPLIT[@]}" --model "$O/ETTh1-cov.pt" \
   --model "$O/ETTh1-cov-lstm.pt" --model "$O/ETTh1-cov-rnn.pt" --baselines persistence \
   --out "$O/cells-ETTh1.json"
 

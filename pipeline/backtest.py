@@ -31,13 +31,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dataset import Series, add_data_arguments, load_data
+from pipeline.dataset import (
+    DEFAULT_SPLIT,
+    Series,
+    SplitSpec,
+    add_data_arguments,
+    load_data,
+    parse_split,
+)
 from pipeline.engine import Engine
 from pipeline.errors import DataError
 from pipeline.messages import Source, Tick
 from pipeline.model import LoadedModel, load_model
 from pipeline.normalize import F64
-from pipeline.train import split_points
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +52,10 @@ BASELINES = ("persistence", "seasonal_naive", "snarimax", "holt_winters")
 
 @dataclass
 class Window:
-    """The scored part of one series: ticks [start, n)."""
+    """The scored part of one series: ticks [start, end)."""
 
     start: int
-    n: int
+    end: int
 
 
 @dataclass
@@ -71,7 +77,7 @@ class Scores:
         """Score ``forecast`` (n, H) against ``actual`` (n,); returns this series' MAE per step."""
         mae = []
         for h in range(1, self.horizon + 1):
-            t = np.arange(window.start, max(window.n - h, window.start))
+            t = np.arange(window.start, max(window.end - h, window.start))
             err = forecast[t, h - 1] - actual[t + h]
             err = err[~np.isnan(err)]
             self.abs_sum[h - 1] += np.abs(err).sum()
@@ -211,7 +217,7 @@ class BacktestOptions:
     baselines: tuple[str, ...] = BASELINES
     snarimax_order: tuple[int, ...] = (2, 1, 1, 1, 0, 1)
     holt_winters: tuple[float, ...] = (0.5, 0.01, 0.05)
-    split: tuple[float, float] = (0.6, 0.2)
+    split: SplitSpec = field(default_factory=lambda: parse_split(DEFAULT_SPLIT))
 
 
 def backtest(
@@ -230,11 +236,11 @@ def backtest(
     timings = {"model": engine_seconds}
     for i, s in enumerate(series):
         actual = s.values[:, s.features.index(target) if target else 0]
-        n = len(actual)
-        window = Window(split_points(n, opts.split).val_end, n)  # training's test part
+        sp = opts.split.points(s.ts)
+        window = Window(sp.val_end, sp.test_end)  # training's test part
         scale = naive_scale(actual, window.start)
         by_method = {"model": forecasts[i], **_baselines(actual, horizon, window, opts, timings)}
-        per_series[s.name] = {"n": window.n - window.start, "naive_scale": scale}
+        per_series[s.name] = {"n": window.end - window.start, "naive_scale": scale}
         for m in methods:
             mae = scores[m].add(by_method[m], actual, window, scale)
             per_series[s.name][m] = {"mae_h1": mae[0], "mae_mean": float(np.nanmean(mae))}
@@ -256,7 +262,7 @@ def backtest(
             "train_seconds": meta.metrics.get("train_seconds"),
             "horizon": horizon,
         },
-        "window": f"last {1 - sum(opts.split):.0%} of each series",
+        "window": opts.split.describe(),
         "season": opts.season,
         "snarimax_order": list(opts.snarimax_order),
         "holt_winters": list(opts.holt_winters),
@@ -360,8 +366,6 @@ def add_backtest_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the shipped model")  # fmt: skip
     add_data_arguments(p)
     p.add_argument("--series", help="comma-separated series names to keep (default: all)")
-    p.add_argument("--split", default="0.6,0.2",
-                   help="train,validation fractions; the rest is scored")  # fmt: skip
     p.add_argument("--season", type=int, default=24, help="season length in ticks")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"subset of {','.join(BASELINES)} ('' for none)")  # fmt: skip
@@ -385,15 +389,20 @@ def load_all(args: argparse.Namespace) -> list[Series]:
     return series
 
 
+def trained_split(loaded: LoadedModel) -> SplitSpec:
+    """The split a model was trained with (its metadata), so a backtest scores its test part."""
+    recorded = loaded.meta.extra.get("split", DEFAULT_SPLIT)
+    if isinstance(recorded, list):  # models written before duration splits: [train, val]
+        recorded = ",".join(str(f) for f in recorded)
+    return parse_split(str(recorded))
+
+
 def backtest_main(args: argparse.Namespace) -> int:
     """Entry point of ``pipeline backtest``: prints the tables, writes JSON and PNG reports."""
     import torch
 
     torch.set_num_threads(args.threads)
     series = load_all(args)
-    split = tuple(float(f) for f in args.split.split(","))
-    if len(split) != 2 or min(split) < 0 or sum(split) >= 1:
-        raise DataError(f"--split {args.split!r}: give train,val fractions summing below 1")
     order = tuple(int(v) for v in args.snarimax_order.split(","))
     if len(order) != 6:
         raise DataError(
@@ -411,14 +420,17 @@ def backtest_main(args: argparse.Namespace) -> int:
         season=args.season,
         baselines=baselines,
         snarimax_order=order,
-        split=(split[0], split[1]),
     )
+    split = parse_split(args.split) if args.split else None  # errors before any model loads
     models = args.models or [None]
     reports = []
     for i, path in enumerate(models):
         loaded = load_model(path)
+        split = split or trained_split(loaded)  # the first model's: one window for all models
         # Baselines do not depend on the model: score them once, with the first model.
-        run_opts = opts if i == 0 else replace(opts, baselines=("persistence",))
+        run_opts = replace(
+            opts, split=split, baselines=opts.baselines if i == 0 else ("persistence",)
+        )
         report = backtest(loaded, series, run_opts)
         reports.append(report)
         print(f"\n## {loaded.meta.version} on {len(series)} series ({report['window']})\n")

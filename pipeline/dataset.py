@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,80 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-col",
                    help="time column, or year,month,day[,hour] columns (wide: first column; "
                         "long: timestamp)")  # fmt: skip
+    p.add_argument("--split", help=SPLIT_HELP + f" (train: default {DEFAULT_SPLIT}; backtest: "
+                   "default the split the model was trained with)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Split:
+    """Chronological split of one series, as row indices: train ``[0, train_end)``, validation
+    ``[train_end, val_end)``, test ``[val_end, test_end)``; rows from ``test_end`` on are unused."""
+
+    train_end: int
+    val_end: int
+    test_end: int
+
+
+# Units of duration splits, in seconds. A month is 30 days: the ETT benchmark protocol's
+# 12/4/4 months are 8,640/2,880/2,880 hourly rows from the first one (Informer's borders).
+_UNITS = {"h": 3_600.0, "d": 86_400.0, "mo": 30 * 86_400.0}
+_DURATION = re.compile(r"^(\d+(?:\.\d*)?)(h|d|mo)$")
+DEFAULT_SPLIT = "0.6,0.2"
+SPLIT_HELP = (
+    "train,validation[,test] sizes: fractions of each series (0.6,0.2: the rest is test) or "
+    "durations from its first tick with unit h, d or mo (30 days), e.g. 12mo,4mo,4mo (ETT)"
+)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """The ``--split`` option: 2 or 3 sizes, fractions of each series or durations in seconds.
+
+    Without a third size the test part runs to the end of the series.
+    """
+
+    text: str
+    sizes: tuple[float, ...]
+    durations: bool
+
+    def points(self, ts: F64) -> Split:
+        """Split indices for a series with event times ``ts`` (T,), epoch seconds, ascending."""
+        n = len(ts)
+        if self.durations:
+            ends = np.cumsum(self.sizes) + (ts[0] if n else 0.0)
+            # A row belongs to a part when its time is before the part's end.
+            idx = [int(np.searchsorted(ts, e, side="left")) for e in ends]
+        else:
+            idx = [int(n * f) for f in np.cumsum(self.sizes)]
+        return Split(idx[0], idx[1], idx[2] if len(idx) > 2 else n)
+
+    def describe(self) -> str:
+        """The scored window in words, for reports."""
+        if not self.durations and len(self.sizes) == 2:
+            return f"last {1 - sum(self.sizes):.0%} of each series"
+        return f"test part of --split {self.text}"
+
+
+def parse_split(text: str) -> SplitSpec:
+    """Parse ``--split``; raises DataError naming the option and the accepted forms."""
+    parts = [p.strip() for p in text.split(",")]
+    bad = DataError(f"--split {text!r}: {SPLIT_HELP}; fractions must sum below 1")
+    if len(parts) not in (2, 3):
+        raise bad
+    matches = [_DURATION.match(p) for p in parts]
+    if all(matches):
+        sizes = tuple(float(m.group(1)) * _UNITS[m.group(2)] for m in matches if m)
+        if min(sizes) <= 0:
+            raise bad
+        return SplitSpec(text, sizes, durations=True)
+    try:
+        fractions = tuple(float(p) for p in parts)
+    except ValueError:
+        raise bad from None
+    limit = 1.0 + 1e-9 if len(parts) == 3 else 1.0  # three fractions may use the whole series
+    if min(fractions) <= 0 or sum(fractions) >= limit:
+        raise bad
+    return SplitSpec(text, fractions, durations=False)
 
 
 def load_data(args: argparse.Namespace) -> list[Series]:

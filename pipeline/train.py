@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.dataset import Series, add_data_arguments, load_data
+from pipeline.dataset import (
+    DEFAULT_SPLIT,
+    Series,
+    Split,
+    add_data_arguments,
+    load_data,
+    parse_split,
+)
 from pipeline.errors import DataError
 from pipeline.model import Forecaster, ModelConfig, ModelMeta, save_model
 from pipeline.normalize import F32, F64, Normalizer, NormalizerConfig, horizon_scale
@@ -88,21 +95,6 @@ def _targets(actual: F64, last: F64, scale: F64, horizon: int) -> F32:
     for h in range(1, horizon + 1):
         out[: n - h, h - 1] = (actual[h:] - last[: n - h]) / (scale[: n - h] * hs[h - 1])
     return out
-
-
-@dataclass(frozen=True)
-class Split:
-    """Chronological split points: train [0, train_end), val [train_end, val_end), test after."""
-
-    train_end: int
-    val_end: int
-    n: int
-
-
-def split_points(n: int, fractions: tuple[float, float]) -> Split:
-    train_end = int(n * fractions[0])
-    val_end = int(n * (fractions[0] + fractions[1]))
-    return Split(train_end, val_end, n)
 
 
 def _lanes(
@@ -296,7 +288,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="ticks per truncated-BPTT chunk (how far gradients reach)")  # fmt: skip
     p.add_argument("--batch-lanes", type=int, default=64,
                    help="training lanes (1,024-tick segments) per optimizer batch")  # fmt: skip
-    p.add_argument("--split", default="0.6,0.2", help="train,validation fractions (rest: test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--name", default="forecaster", help="model name (forecasts carry it)")
@@ -321,11 +312,14 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.target_transform == "log":
         series = [log_target(s, target) for s in series]
     norm_cfg = NormalizerConfig(calendar=args.calendar)
-    fractions = tuple(float(f) for f in args.split.split(","))
-    if len(fractions) != 2 or min(fractions) <= 0 or sum(fractions) >= 1:
-        raise DataError(f"--split {args.split!r}: give train,val fractions summing below 1")
+    spec = parse_split(args.split or DEFAULT_SPLIT)
+    splits = [spec.points(s.ts) for s in series]
+    for s, sp in zip(series, splits, strict=True):
+        if sp.train_end < 2 or sp.val_end <= sp.train_end:
+            raise DataError(
+                f"--split {spec.text}: series {s.name} gets no training or validation rows"
+            )
     prepared = prepare(series, norm_cfg, args.horizon, target)
-    splits = [split_points(len(p.actual), (fractions[0], fractions[1])) for p in prepared]
     layers = tuple(int(v) for v in args.layers.split(","))
     config = ModelConfig(
         n_inputs=prepared[0].inputs.shape[1], layers=layers, horizon=args.horizon, cell=args.cell
@@ -362,7 +356,7 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
         },
         extra={
             "train": cfg.__dict__,
-            "split": list(fractions),
+            "split": spec.text,
             "series": [p.name for p in prepared],
         },
     )
@@ -398,7 +392,7 @@ def evaluate_splits(
     for part in ("val", "test"):
         ratios_1, ratios_all, per_series = [], [], {}
         for p, sp, fc in zip(prepared, splits, forecasts, strict=True):
-            start, end = (sp.train_end, sp.val_end) if part == "val" else (sp.val_end, sp.n)
+            start, end = (sp.train_end, sp.val_end) if part == "val" else (sp.val_end, sp.test_end)
             e = errors(fc, p, start, end)
             r = [
                 m / b if b > 0 else 1.0 for m, b in zip(e["mae"], e["persistence_mae"], strict=True)

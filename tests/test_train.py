@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.dataset import load_series
+from pipeline.dataset import Split, load_series, parse_split
 from pipeline.engine import Engine
-from pipeline.errors import ModelFileError
+from pipeline.errors import DataError, ModelFileError
 from pipeline.messages import Source, Tick
 from pipeline.model import load_model
 from pipeline.normalize import NormalizerConfig
@@ -98,3 +98,25 @@ def test_corrupt_model_is_refused(trained: tuple[Path, Path], tmp_path: Path) ->
     bad.with_suffix(".json").write_text(out.with_suffix(".json").read_text())
     with pytest.raises(ModelFileError, match="sha256"):
         load_model(bad)
+
+
+def test_split_by_fractions_and_by_durations() -> None:
+    hourly = 1_467_331_200.0 + 3600.0 * np.arange(17_420)  # ETTh1's length, from 2016-07-01
+    assert parse_split("0.6,0.2").points(hourly) == Split(10_452, 13_936, 17_420)
+    assert parse_split("0.5,0.25,0.25").points(hourly[:100]) == Split(50, 75, 100)
+    # The ETT protocol (Informer's borders): 12/4/4 months of 30 days = 8,640/2,880/2,880 rows.
+    assert parse_split("12mo,4mo,4mo").points(hourly) == Split(8_640, 11_520, 14_400)
+    assert parse_split("360d,120d").points(hourly) == Split(8_640, 11_520, 17_420)
+    # Durations count time, not rows: a gap of missing rows does not move the borders.
+    gappy = np.delete(hourly, np.arange(100, 1_100))
+    assert parse_split("12mo,4mo,4mo").points(gappy) == Split(7_640, 10_520, 13_400)
+    assert parse_split("2h,1h").points(np.array([0.0, 3_599.0, 3_600.0, 7_200.0, 10_800.0])) == (
+        Split(3, 4, 5)
+    )
+
+
+@pytest.mark.parametrize("text", ["0.9,0.2", "0.6", "0.6,0.2,0.1,0.1", "12mo,4", "12y,4mo", "a,b",
+                                  "0,0.5", "0mo,4mo"])  # fmt: skip
+def test_bad_split_names_the_option_and_the_forms(text: str) -> None:
+    with pytest.raises(DataError, match=r"--split .*12mo,4mo,4mo"):
+        parse_split(text)

@@ -49,7 +49,7 @@ train: $(STAMP)  ## retrain the shipped default model (command recorded in its m
 	  --layers 64,32 --loss mae --batch-lanes 16 --epochs 15 --seed 0 --threads 1 \
 	  --name ett-gru --out pipeline/models/default.pt
 
-accuracy: $(STAMP)  ## train per data set and backtest: the README accuracy table (~45 min)
+accuracy: $(STAMP)  ## train per data set and backtest: the README accuracy tables (~70 min)
 	bash benchmarks/accuracy.sh $(DATA) out/accuracy
 
 clean:

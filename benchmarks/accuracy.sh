@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces the README accuracy table: trains each model on its data set's training split and
-# backtests it through the serving engine beside the baselines. ~45 min on one core.
+# Reproduces the README accuracy tables: trains each model on its data set's training split and
+# backtests it through the serving engine beside the baselines, then the linear references. ~70 min
+# on one core.
 # Usage: bash benchmarks/accuracy.sh [DATA_DIR] [OUT_DIR]
 set -euo pipefail
 D=${1:-../shared/data}
@@ -49,3 +50,13 @@ ST=(--data "$D/us_stocks_1min_2024_10symbols.csv.gz" --format long --stream-col 
 $P train "${ST[@]}" "${COMMON[@]}" --target-transform log --epochs 8 --name stocks-close \
   --out "$O/stocks.pt"
 $P backtest "${ST[@]}" --model "$O/stocks.pt" --season 390 --out "$O/stocks.json"
+
+# Linear references for the missed targets (README: "Are the missed targets within reach?").
+LB=(${PYTHON:-.venv/bin/python} -m benchmarks.linear_bound)
+"${LB[@]}" --data "$D/ETTh1.csv" --target OT "${ETT_SPLIT[@]}" --lags 168 --out "$O/bound-ETTh1.json"
+"${LB[@]}" --data "$D/ETTh1.csv" --target OT --features $ETT_COLS "${ETT_SPLIT[@]}" --lags 168 \
+  --out "$O/bound-ETTh1-cov.json"
+"${LB[@]}" --data "$D/ETTm1.csv.gz" --target OT "${ETT_SPLIT[@]}" --lags 384 --out "$O/bound-ETTm1.json"
+"${LB[@]}" --data "$D/ETTm1.csv.gz" --target OT --features $ETT_COLS "${ETT_SPLIT[@]}" --lags 96 \
+  --out "$O/bound-ETTm1-cov.json"
+"${LB[@]}" "${BJ[@]}" --lags 48 --cov-lags 6 --steps 600 --out "$O/bound-beijing.json"  # ~6 min

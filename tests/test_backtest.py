@@ -260,3 +260,28 @@ def test_backtest_option_errors_name_the_option(
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert err.startswith("pipeline backtest: error:") and names in err and "Traceback" not in err
+
+
+def test_linear_bound_learns_a_linear_series_and_its_oracle_fits_better(tmp_path: Path) -> None:
+    """benchmarks.linear_bound on changes that follow an AR(1) (lag-1 autocorrelation 0.8): a
+    linear model knows them, so both fits beat persistence by far, the in-sample oracle most."""
+    import argparse
+
+    from benchmarks.linear_bound import run
+
+    rng = np.random.default_rng(0)
+    change = np.zeros(3000)
+    for t in range(1, 3000):
+        change[t] = 0.8 * change[t - 1] + rng.normal()
+    rows = ["ts,y"] + [f"{3600 * t},{v:.6f}" for t, v in enumerate(np.cumsum(change))]
+    data = tmp_path / "ar.csv"
+    data.write_text("\n".join(rows) + "\n")
+    args = argparse.Namespace(
+        data=[data], format="wide", target="y", features=None, stream_col="symbol",
+        time_col=None, split="0.6,0.2", horizon=4, lags=8, cov_lags=0, steps=300, seed=0,
+    )  # fmt: skip
+    report = run(args)
+    honest, oracle = report["linear_fit_on_train"], report["linear_fit_on_test_oracle"]
+    assert honest["ratio_h1"] < 0.75 and honest["ratio_mean"] < 0.85
+    assert oracle["ratio_h1"] <= honest["ratio_h1"] + 1e-3
+    assert report["test_rows"] == 600 - 4  # every test tick whose 4 next values are in the part

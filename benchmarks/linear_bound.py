@@ -45,7 +45,7 @@ def design(
         c = s.values[:, j]
         parts += [c[ts - k][:, None] - c[ts][:, None] for k in range(1, cov_lags)]
         parts.append(c[ts][:, None])
-    x = np.concatenate(parts, axis=1) if parts else np.zeros((len(ts), 0))
+    x = np.concatenate(parts, axis=1)
     future = np.stack([y[ts + h] - y[ts] for h in range(1, horizon + 1)], axis=1)
     return x, future
 

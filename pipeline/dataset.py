@@ -117,7 +117,7 @@ class SplitSpec:
         if self.durations:
             ends = np.cumsum(self.sizes) + (ts[0] if n else 0.0)
             # A row belongs to a part when its time is before the part's end.
-            idx = [int(np.searchsorted(ts, e, side="left")) for e in ends]
+            idx = np.searchsorted(ts, ends, side="left").tolist()
         else:
             idx = [int(n * f) for f in np.cumsum(self.sizes)]
         return Split(idx[0], idx[1], idx[2] if len(idx) > 2 else n)

@@ -24,6 +24,7 @@ from pipeline.config import Settings
 from pipeline.engine import Engine, ForecastBatch
 from pipeline.errors import (
     BrokerError,
+    FencedError,
     TransactionFailed,
     TransactionsUnsupported,
 )
@@ -73,7 +74,7 @@ class Daemon:
         self.keeper = StateKeeper(settings, self.engine.store)
         self.exactly_once = settings.kafka.processing_guarantee == "exactly_once"
         self._to_restore: set[int] = set()  # assigned partitions paused until state is restored
-        self._needs_recover = False  # a transaction failed: rewind and restore before going on
+        self._failures = 0  # consecutive failed transactions (backoff)
         # Set while the group owes this member an assignment (after a revoke, or since joining).
         self._awaiting_assignment_since: float | None = None
         self.model_watch = ModelWatcher(loaded.path, settings.model.watch_seconds)
@@ -201,7 +202,6 @@ class Daemon:
         metrics.REJOINS_FORCED.inc()
         self._on_revoked(self.source.assignment())
         self.source.close()
-        self._needs_recover = False  # the new member restores whatever it is assigned
         attempt = 0
         while not self.stop_event.is_set():
             try:
@@ -283,9 +283,6 @@ class Daemon:
         self._check_rejoin(now)
         if self._to_restore:
             self._restore_pending()
-        if self._needs_recover:
-            self._try_recover()  # rewinds: the records of this poll come again
-            return len(polled)
         if polled:
             self._handle(polled)
         if now >= self._next_progress:
@@ -294,17 +291,20 @@ class Daemon:
         return len(polled)
 
     def _handle(self, polled: Polled) -> None:
-        """One micro-batch: forecasts, dead letters, state and offsets, committed together."""
+        """One micro-batch: forecasts, dead letters, state and offsets, committed together.
+
+        Exactly-once: the store keeps an undo log of the streams the batch changes. If the
+        transaction cannot begin or commit, the state is rolled back in memory (O(streams
+        touched), no changelog read) and the source seeks back to the batch's first offsets,
+        so the same records come again after a backoff. A fenced producer stops the daemon.
+        """
         assert self.source is not None and self.sink is not None
         started = time.perf_counter()
-        sink = self.sink
+        sink, store = self.sink, self.engine.store
         if self.exactly_once:
-            try:
-                sink.begin()
-            except BrokerError as exc:
-                log.warning("event=transaction_begin_failed error=%s", exc)
-                self._needs_recover = True
+            if not self._begin(polled):
                 return
+            store.track()
         ticks = [r for r in polled.records if isinstance(r, Tick)]
         rejections = [r for r in polled.records if isinstance(r, Rejection)]
         batch = self.engine.process(ticks)
@@ -317,44 +317,59 @@ class Daemon:
         sink.send_dead_letters(rejections)
         if self.settings.state.changelog:
             sink.send_state(self.keeper.records(batch.touched))
-            sink.send_state(self.keeper.evictions())
+        last_read = {p: o - 1 for p, o in polled.offsets.items()}
+        sink.send_state(self.keeper.evictions(last_read))  # no changelog: evicts, sends nothing
         if self.exactly_once:
             try:
                 sink.commit(
                     {self.settings.kafka.input_topic: polled.offsets}, self.source.group_metadata()
                 )
             except TransactionFailed as exc:
-                metrics.TRANSACTIONS.labels("aborted").inc()
-                log.warning("event=transaction_aborted error=%s action=rewind_and_restore", exc)
-                self._needs_recover = True
+                self._roll_back(polled, exc)
                 return
+            store.settle()
             metrics.TRANSACTIONS.labels("committed").inc()
         else:
             sink.flush()
             if not self.source.commit(polled.offsets):
                 metrics.COMMIT_FAILURES.inc()
+        self.keeper.batch_committed()
+        self._failures = 0
         produced_at = time.time()
         self._observe(polled, batch, rejections, produced_at, time.perf_counter() - started)
         self._reconcile(batch.ticks, rejections, dropped)
 
-    def _recover(self) -> None:
-        """After an aborted batch: back to the committed offsets and the state they imply.
+    def _begin(self, polled: Polled) -> bool:
+        """Open the batch's transaction; False (records rewound, backoff taken) if it failed.
 
-        Streams without a valid changelog record start cold: on a real cluster that is a stream
-        first seen in the aborted batch; on a memory-only broker that lost its data, every one.
+        A fenced producer (FencedError) is not retried: it propagates and stops the daemon.
         """
-        assert self.source is not None
-        partitions = self.source.assignment()
-        committed = self.source.rewind(partitions)
-        self._restore(committed)
-        self._needs_recover = False
-
-    def _try_recover(self) -> None:
+        assert self.source is not None and self.sink is not None
         try:
-            self._recover()
-        except BrokerError as exc:
-            log.warning("event=recovery_pending error=%s", exc)
-            self.stop_event.wait(1.0)
+            self.sink.begin()
+        except FencedError:
+            raise
+        except (BrokerError, TransactionFailed) as exc:
+            log.warning("event=transaction_begin_failed error=%s action=rewind", exc)
+            self.source.rewind_to(polled.starts)
+            self._backoff()
+            return False
+        return True
+
+    def _roll_back(self, polled: Polled, exc: TransactionFailed) -> None:
+        """The batch's transaction aborted: undo its state changes and read it again."""
+        assert self.source is not None
+        streams = self.engine.store.rollback()
+        self.keeper.batch_aborted()
+        self.source.rewind_to(polled.starts)
+        metrics.TRANSACTIONS.labels("aborted").inc()
+        log.warning("event=transaction_aborted error=%s action=roll_back streams=%d", exc, streams)
+        self._backoff()
+
+    def _backoff(self) -> None:
+        """Wait before retrying a failed batch: 0.1 s, doubling per consecutive failure."""
+        self._failures += 1
+        self.stop_event.wait(min(0.1 * 2 ** (self._failures - 1), MAX_BACKOFF_S))
 
     def _restore(self, committed: dict[int, int]) -> None:
         if not self.settings.state.changelog:
@@ -365,9 +380,10 @@ class Daemon:
         finally:
             self.health.restoring = False
         log.info(
-            "event=state_restored partitions=%s streams=%d records=%d cold_hidden=%d seconds=%.3f",
+            "event=state_restored partitions=%s streams=%d records=%d cold_hidden=%d unusable=%d "
+            "seconds=%.3f",
             ",".join(map(str, report.partitions)), report.streams, report.records,
-            report.cold_hidden, report.seconds,
+            report.cold_hidden, report.unusable, report.seconds,
         )  # fmt: skip
 
     def _observe(
@@ -482,7 +498,9 @@ class Daemon:
         if self.source is not None:
             self.source.forget(partitions)
         self._to_restore.difference_update(partitions)
-        dropped = self.keeper.drop(partitions) if self.settings.state.changelog else 0
+        # Dropped even without a changelog: another member owns these streams now, and state
+        # kept here would be stale if they came back (and would grow without bound if not).
+        dropped = self.keeper.drop(partitions)
         metrics.ACTIVE_STREAMS.set(len(self.engine.store))
         for p in partitions:
             # KeyError: never exported, no lag reading arrived while it was assigned.

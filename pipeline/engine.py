@@ -47,7 +47,7 @@ class ForecastBatch:
     # both divided by the stream's scale (scale-free, so streams of any size can be averaged).
     error: F64 = field(default_factory=lambda: np.zeros(0))
     persistence_error: F64 = field(default_factory=lambda: np.zeros(0))
-    touched: Sequence[str] = ()  # distinct streams whose state this batch changed
+    touched: Sequence[str] = ()  # distinct streams with at least one tick processed (state changed)
     waves: int = 0  # batched model steps taken
     model_seconds: float = 0.0  # wall time inside the model steps
     resets: int = 0  # streams whose state turned non-finite and was reset
@@ -121,6 +121,8 @@ class Engine:
         late = np.zeros(n, dtype=bool)
         missing = np.zeros(n, dtype=bool)
         rank, streams, stream_index = _rank_by_stream(ticks)
+        slot_of = self.store.slot_of
+        known = np.fromiter((s in slot_of for s in streams), dtype=bool, count=len(streams))
         slot_of_tick = self.store.slots_for(streams)[stream_index]  # (N,)
         values = np.array([t.values for t in ticks], dtype=np.float64)  # (N, F)
         any_missing = bool(np.isnan(values).any())
@@ -159,10 +161,11 @@ class Engine:
             self.store.mark(slots, partition[rows], offset[rows])
         if log_target:
             np.exp(forecast, out=forecast)
+        touched = self._settle_streams(streams, known, stream_index[~(late | missing)])
         stats = {
             "error": np.concatenate([e for e, _ in scored]) if scored else np.zeros(0),
             "persistence_error": np.concatenate([b for _, b in scored]) if scored else np.zeros(0),
-            "touched": streams,
+            "touched": touched,
             "waves": len(bounds) - 1,
             "model_seconds": model_seconds,
             "resets": resets,
@@ -182,6 +185,17 @@ class Engine:
             missing_ticks,
             **stats,  # type: ignore[arg-type]
         )
+
+    def _settle_streams(
+        self, streams: list[str], known: npt.NDArray[np.bool_], processed: I64
+    ) -> list[str]:
+        """The streams whose state the batch changed (at least one tick processed). A stream
+        that was new to the store and had every tick late or missing gets its slot back: state
+        is only kept for streams that have some (a first tick with a null target is not one)."""
+        hits = np.bincount(processed, minlength=len(streams))
+        for j in np.flatnonzero((hits == 0) & ~known).tolist():
+            self.store.evict(streams[j])
+        return [streams[j] for j in np.flatnonzero(hits).tolist()]
 
     def _fill_missing(self, rows: I64, vals: F64, slots: I64) -> tuple[I64, F64, I64]:
         """Carry missing covariates forward from each stream's previous tick; split off the rows

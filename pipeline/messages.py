@@ -2,7 +2,9 @@
 
 Input record: key = stream id (UTF-8); value = JSON object with ``ts`` (epoch seconds as a number,
 epoch milliseconds as an integer above 10^11, or an ISO-8601 string) and either ``value`` (a number)
-or ``values`` (an object of named numbers). A ``stream`` field stands in for a missing key.
+or ``values`` (an object of named numbers). The key is the stream id: a keyless record is a
+dead letter (``missing_key`` when its body names a stream, else ``missing_stream``), and so is one
+whose optional ``stream`` field differs from its key (``key_mismatch``).
 A value written ``null`` or ``"NA"`` is *missing*: the Tick carries NaN there, and the engine skips
 a tick whose target is missing (state untouched, counted as dropped) and carries a missing
 covariate forward from the stream's previous tick. The JSON token ``NaN`` is not missing but
@@ -41,6 +43,8 @@ class Reason(StrEnum):
     TOO_LARGE = "too_large"
     UNKNOWN_FEATURE = "unknown_feature"
     OUT_OF_DOMAIN = "out_of_domain"  # e.g. a price <= 0 for a model with a log target
+    MISSING_KEY = "missing_key"  # no record key, the body names a stream: not re-keyed
+    KEY_MISMATCH = "key_mismatch"  # the body's 'stream' differs from the record key
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,19 +170,32 @@ def _number_or_missing(raw: Any, name: str) -> float:
 
 
 def _stream(key: bytes | None, doc: dict[str, Any]) -> str:
-    if key:
-        try:
-            return key.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Reject(Reason.MISSING_STREAM, "record key is not UTF-8") from None
-    stream = doc.get("stream")
-    if isinstance(stream, str) and stream:
-        try:
-            stream.encode("utf-8")  # it becomes the forecast's record key
-        except UnicodeEncodeError:
-            raise _Reject(Reason.MISSING_STREAM, "'stream' is not valid UTF-8") from None
-        return stream
-    raise _Reject(Reason.MISSING_STREAM, "no record key and no 'stream' field")
+    """The stream id: the record key. A ``stream`` field may repeat it, never replace it.
+
+    Ticks of one stream must share a partition (per-stream order, one owner, one changelog
+    partition; docs/decisions.md #18), and only the key decides the partition: a keyless tick
+    or one whose key and ``stream`` disagree could land beside another owner's ticks.
+    """
+    named = doc.get("stream")
+    if not key:
+        if isinstance(named, str) and named:
+            raise _Reject(
+                Reason.MISSING_KEY,
+                f"no record key; the body names stream {named[:80]!r}: produce the tick with "
+                "the stream id as its key so all of a stream's ticks share one partition",
+            )
+        raise _Reject(Reason.MISSING_STREAM, "no record key (the stream id) on the record")
+    try:
+        stream = key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reject(Reason.MISSING_STREAM, "record key is not UTF-8") from None
+    if named is not None and named != stream:
+        raise _Reject(
+            Reason.KEY_MISMATCH,
+            f"record key {stream[:80]!r} and 'stream' {str(named)[:80]!r} differ; the key is the "
+            "stream id: drop the field or make it equal",
+        )
+    return stream
 
 
 def decode(

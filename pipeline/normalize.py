@@ -173,9 +173,14 @@ class Normalizer:
             out.extend(np.atleast_1d(getattr(self, name)[slot]).astype(np.float64).tolist())
         return out
 
+    @property
+    def snapshot_width(self) -> int:
+        """Numbers in one stream's snapshot: mean, var, last, dsq per feature; dt, ts, count."""
+        return 4 * self.n_features + 3
+
     def restore(self, slot: int, flat: list[float]) -> None:
         """Put back what :meth:`snapshot` returned; raises ValueError on a length mismatch."""
-        expected = 4 * self.n_features + 3  # mean, var, last, dsq per feature; dt, ts, count
+        expected = self.snapshot_width
         if len(flat) != expected:
             raise ValueError(f"normalizer snapshot has {len(flat)} numbers, expected {expected}")
         pos = 0
@@ -185,6 +190,22 @@ class Normalizer:
             chunk = flat[pos : pos + width]
             arr[slot] = chunk if arr.ndim == 2 else chunk[0]
             pos += width
+
+    def restore_many(self, slots: I64, flat: F64) -> None:
+        """:meth:`restore` for many slots at once: ``flat`` is (N, snapshot_width), one
+        :meth:`snapshot` per row, in the order of ``slots``."""
+        if flat.ndim != 2 or flat.shape[1] != self.snapshot_width:
+            raise ValueError(f"normalizer snapshots have shape {flat.shape}, expected "
+                             f"(N, {self.snapshot_width})")  # fmt: skip
+        pos = 0
+        for name in self.FIELDS:
+            arr = getattr(self, name)
+            if arr.ndim == 2:
+                arr[slots] = flat[:, pos : pos + self.n_features]
+                pos += self.n_features
+            else:
+                arr[slots] = flat[:, pos]
+                pos += 1
 
 
 def horizon_scale(horizon: int) -> F64:

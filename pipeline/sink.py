@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 OutRecord = tuple[str, bytes | None, bytes | None, Headers]  # topic, key, value, headers
+# changelog partition, stream key, snapshot (None: tombstone), headers
+StateRecord = tuple[int, bytes, bytes | None, Headers]
 
 MAX_BACKOFF_S = 10.0
 
@@ -62,7 +64,7 @@ class Sink:
         self._batch: list[OutRecord] = []
         self._pending: list[FutureRecordMetadata] = []
         self._broken: str | None = None  # a send() that raised: the batch must be resent
-        self._batch_state: list[tuple[int, bytes, bytes | None]] = []
+        self._batch_state: list[StateRecord] = []
         self._needs_rebuild = False  # a failed transaction left no usable producer
 
     def _new_producer(self) -> KafkaProducer:
@@ -119,22 +121,30 @@ class Sink:
         self._batch.extend(records)
         self._dispatch(records)
 
-    def send_state(self, records: Sequence[tuple[int, bytes, bytes | None]]) -> None:
-        """Queue changelog records ``(partition, stream key, snapshot or None)``; None = tombstone.
+    def send_state(self, records: Sequence[StateRecord]) -> None:
+        """Queue changelog records ``(partition, stream key, snapshot or None, headers)``;
+        None = tombstone.
 
         The partition is given explicitly: the state of input partition p lives in changelog
-        partition p whatever partitioner the input's producers used.
+        partition p whatever partitioner the input's producers used. A negative partition is a
+        bug upstream; it is refused with a log line rather than taking the daemon down.
         """
         topic = self.changelog_topic
         if topic is None or not records:
             return
+        bad = [r for r in records if r[0] < 0]
+        if bad:
+            log.error("event=state_record_without_partition count=%d action=skip", len(bad))
+            records = [r for r in records if r[0] >= 0]
         send, pending = self.producer.send, self._pending
         self._batch_state.extend(records)
         if self._broken is not None:
             return
         try:
-            for partition, key, value in records:
-                pending.append(send(topic, key=key, value=value, partition=partition))
+            for partition, key, value, headers in records:
+                pending.append(
+                    send(topic, key=key, value=value, partition=partition, headers=headers)
+                )
         except KafkaError as exc:
             self._broken = repr(exc)
 
@@ -258,19 +268,36 @@ class Sink:
         if not error:
             return
         exc = error[0]
-        if isinstance(exc, ProducerFencedError):
-            raise FencedError(
-                f"transactional id {self.transactional_id!r} was fenced: another instance with "
-                "the same kafka.instance_id took over; this one stops"
-            ) from exc
         if isinstance(exc, KafkaError):
-            self._fail(repr(exc))
+            self._fail(repr(exc), cause=exc)
         raise exc
 
-    def _fail(self, why: str, abort: bool = True) -> None:
+    def _fenced(self, cause: BaseException | None) -> bool:
+        """Whether another producer with our transactional id took over. kafka-python reports it
+        as ProducerFencedError on a send's future or as the transaction manager's last error,
+        and later calls raise a plain KafkaError ("... in an error state: ProducerFencedError")."""
+        if isinstance(cause, ProducerFencedError):
+            return True
+        manager = getattr(self.producer, "_transaction_manager", None)
+        if isinstance(getattr(manager, "last_error", None), ProducerFencedError):
+            return True
+        return any(
+            f.is_done and isinstance(f.exception, ProducerFencedError) for f in self._pending
+        )
+
+    def _fail(self, why: str, abort: bool = True, cause: BaseException | None = None) -> None:
         """Abort (unless the producer hangs), then start over with a fresh producer:
         kafka-python keeps a producer whose transactional request failed in an error state that
-        an abort does not always clear. Always raises TransactionFailed."""
+        an abort does not always clear. Raises TransactionFailed, or FencedError when another
+        instance took our transactional id: a new producer would fence it in turn, and two
+        instances would take the id from each other for ever, so this one must stop."""
+        if abort and self._fenced(cause):
+            self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
+            raise FencedError(
+                f"transactional id {self.transactional_id!r} was fenced: another instance with "
+                "the same kafka.instance_id took over; this one stops (give every replica its "
+                "own kafka.instance_id)"
+            ) from cause
         self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
         if abort:
             try:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -21,7 +22,11 @@ from pipeline.errors import BrokerError
 from pipeline.kafka_admin import client_options
 from pipeline.messages import Rejection, Tick, decode
 from pipeline.messages import Source as RecordSource
-from pipeline.state import Snapshot
+from pipeline.state import snapshot_offset
+
+# A tombstone carries the input offset its eviction belongs with (a snapshot carries it in its
+# body): restore honours it only below the committed offset, so an aborted eviction is ignored.
+TOMBSTONE_OFFSET_HEADER = "input.offset"
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,9 @@ class Polled:
 
     records: list[Tick | Rejection] = field(default_factory=list)
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
+    # partition -> first offset handed out in ``records``: where to seek back to if the batch
+    # is rolled back (only partitions with records in this batch).
+    starts: dict[int, int] = field(default_factory=dict)
     skipped: int = 0  # redelivered records already processed by this instance
 
     def __len__(self) -> int:
@@ -106,6 +114,7 @@ class Source:
                 if rec.offset < first:
                     polled.skipped += 1
                     continue
+                polled.starts.setdefault(tp.partition, rec.offset)
                 src = RecordSource(tp.topic, tp.partition, rec.offset, rec.timestamp)
                 append(decode(rec.key, rec.value, src, features=features, max_bytes=limit,
                               positive=positive))  # fmt: skip
@@ -172,6 +181,13 @@ class Source:
         self.forget(partitions)
         return committed
 
+    def rewind_to(self, starts: dict[int, int]) -> None:
+        """Seek back to ``partition -> offset`` (a rolled-back batch's first offsets): the next
+        polls hand those records out again. Local: no broker round trip."""
+        for p, offset in starts.items():
+            self.consumer.seek(TopicPartition(self.topic, p), offset)
+        self.forget(list(starts))
+
     def pause(self, partitions: list[int]) -> None:
         """Stop fetching ``partitions`` (safe inside a rebalance callback)."""
         self.consumer.pause(*[TopicPartition(self.topic, p) for p in partitions])
@@ -215,13 +231,15 @@ class Source:
 
 def read_changelog(
     kafka: KafkaSettings, topic: str, committed: dict[int, int], timeout_s: float = 120.0
-) -> tuple[dict[str, Snapshot | None], int]:
+) -> tuple[dict[str, bytes | None], int]:
     """The latest valid state per stream in changelog partitions ``committed.keys()``.
 
     A record is valid only if the input offset it reflects is below that partition's committed
     offset: later records come from a batch whose transaction aborted or never committed (the
-    test broker shows them to read_committed readers). Tombstones map to None. Returns the map
-    and the number of records read.
+    test broker shows them to read_committed readers). Snapshots carry that offset in their
+    header, tombstones in the ``input.offset`` record header (a tombstone without one, from an
+    older version, counts). Returns stream → snapshot bytes or None (a valid tombstone), and
+    the number of records read.
     """
     if not committed:
         return {}, 0
@@ -233,7 +251,7 @@ def read_changelog(
 
 def _read_changelog(
     kafka: KafkaSettings, topic: str, committed: dict[int, int], timeout_s: float
-) -> tuple[dict[str, Snapshot | None], int]:
+) -> tuple[dict[str, bytes | None], int]:
     reader = KafkaConsumer(
         **client_options(kafka),
         group_id=None,
@@ -242,7 +260,7 @@ def _read_changelog(
         fetch_max_wait_ms=100,
         max_poll_records=50_000,
     )
-    latest: dict[str, Snapshot | None] = {}
+    latest: dict[str, bytes | None] = {}
     count = 0
     try:
         existing = reader.partitions_for_topic(topic) or set()
@@ -259,21 +277,32 @@ def _read_changelog(
                 limit = committed[tp.partition]
                 for rec in records:
                     count += 1
-                    key = rec.key.decode("utf-8", "replace") if rec.key else ""
-                    if rec.value is None:
-                        latest[key] = None
-                        continue
-                    try:
-                        snap = Snapshot.decode(rec.value)
-                    except ValueError:
+                    offset = _state_offset(rec)
+                    if offset is None:
                         log.warning("event=bad_changelog_record partition=%d offset=%d",
                                     tp.partition, rec.offset)  # fmt: skip
-                        continue
-                    if snap.offset < limit:
-                        latest[key] = snap
+                    elif offset < limit:
+                        latest[rec.key.decode("utf-8", "replace") if rec.key else ""] = rec.value
     finally:
         reader.close()
     return latest, count
+
+
+def _state_offset(rec: ConsumerRecord) -> int | None:
+    """The input offset a changelog record reflects; -1 for a tombstone of an older version
+    (always valid); None if the record is neither a snapshot nor a tombstone."""
+    if rec.value is None:
+        for name, value in rec.headers or ():
+            if name == TOMBSTONE_OFFSET_HEADER:
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return -1
+    try:
+        return snapshot_offset(rec.value)
+    except ValueError:
+        return None
 
 
 def _caught_up(reader: KafkaConsumer, tps: list[TopicPartition]) -> bool:

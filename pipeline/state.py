@@ -6,6 +6,11 @@ processed), the last one-step forecast (scored when the next tick comes), the in
 offset of the stream's newest tick, and the wall time it was seen. Capacity doubles when full;
 freed slots are reused. Reads never create state: only :meth:`StateStore.slots_for` allocates.
 
+**Undo.** Between :meth:`StateStore.track` and :meth:`StateStore.settle` the store keeps a
+before-image of every stream a micro-batch changes (and notes the streams it creates), so an
+aborted transaction is rolled back in memory by :meth:`StateStore.rollback` at a cost of
+O(streams touched), without reading the changelog.
+
 :meth:`StateStore.snapshot` turns one stream's state into bytes for the changelog topic:
 
     header  <B i q q d H H>  format version, partition, offset, seq, prev forecast,
@@ -14,21 +19,26 @@ freed slots are reused. Reads never create state: only :meth:`StateStore.slots_f
 
 ``offset`` is the input offset of the newest tick folded into the state: a restore keeps a
 record only if that offset is below the partition's committed offset.
+:meth:`StateStore.install` puts many snapshots back at once (one gather/scatter per array).
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 from pipeline.normalize import F64, I64, Normalizer, NormalizerConfig
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_VERSION = 1
 _HEADER = struct.Struct("<BiqqdHH")
@@ -58,6 +68,59 @@ class Snapshot:
         return Snapshot(partition, offset, seq, prev, norm, bytes(body[8 * n_norm :]))
 
 
+def snapshot_offset(blob: bytes) -> int:
+    """The input offset a changelog value reflects (header only; ValueError if not a snapshot)."""
+    if len(blob) < _HEADER.size or blob[0] != SNAPSHOT_VERSION:
+        raise ValueError(f"not a v{SNAPSHOT_VERSION} stream snapshot ({len(blob)} bytes)")
+    offset: int = _HEADER.unpack_from(blob)[2]
+    return offset
+
+
+def _snapshot_dtype(n_norm: int, n_hidden: int) -> np.dtype[np.void]:
+    """A packed structured dtype matching one snapshot, for decoding many at once."""
+    return np.dtype(
+        [
+            ("version", "u1"),
+            ("partition", "<i4"),
+            ("offset", "<i8"),
+            ("seq", "<i8"),
+            ("prev", "<f8"),
+            ("n_norm", "<u2"),
+            ("n_hidden", "<u2"),
+            ("norm", "<f8", (n_norm,)),
+            ("hidden", "<f4", (n_hidden,)),
+        ]
+    )
+
+
+@dataclass
+class InstallReport:
+    """What :meth:`StateStore.install` did with a set of changelog values."""
+
+    installed: int = 0
+    cold_hidden: int = 0  # installed, but the hidden state did not fit the model: starts at zero
+    unusable: list[str] = field(default_factory=list)  # not installed: bad bytes or statistics
+
+
+@dataclass
+class _Image:
+    """Copies of some streams' per-slot numbers, taken before a batch changed them."""
+
+    streams: list[str]
+    arrays: dict[str, npt.NDArray[np.generic]]
+    hidden: list[Tensor]
+
+
+@dataclass
+class UndoLog:
+    """Before-images of the streams changed since :meth:`StateStore.track` (see the module
+    docstring). Owned by the store; callers only start, settle or roll it back."""
+
+    images: list[_Image] = field(default_factory=list)
+    saved: set[str] = field(default_factory=set)  # streams with a before-image
+    created: set[str] = field(default_factory=set)  # streams that had no state before
+
+
 class StateStore:
     """Owns every stream's state; the engine reads and writes it by slot index."""
 
@@ -81,6 +144,7 @@ class StateStore:
         self.slot_of: dict[str, int] = {}
         self.stream_at: list[str | None] = [None] * capacity
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._undo: UndoLog | None = None
 
     _SLOT_ARRAYS = ("seq", "prev_forecast", "partition", "offset", "seen_at")
     _FILL: ClassVar[dict[str, float]] = {
@@ -102,14 +166,24 @@ class StateStore:
         return stream in self.slot_of
 
     def slots_for(self, streams: Sequence[str]) -> I64:
-        """Slots of ``streams`` (distinct ids), allocating fresh zeroed state for new ones."""
+        """Slots of ``streams`` (distinct ids), allocating fresh zeroed state for new ones.
+
+        While an undo log is open, the existing streams' state is copied first and the new ones
+        are noted, so :meth:`rollback` can put everything back.
+        """
         out = np.empty(len(streams), dtype=np.int64)
         slot_of = self.slot_of
+        undo = self._undo
+        known: list[str] = []
         for i, stream in enumerate(streams):
             slot = slot_of.get(stream)
             if slot is None:
                 slot = self._allocate(stream)
+            elif undo is not None and stream not in undo.saved:
+                known.append(stream)
             out[i] = slot
+        if known:
+            self._save(known)
         return out
 
     def _allocate(self, stream: str) -> int:
@@ -118,6 +192,8 @@ class StateStore:
         slot = self._free.pop()
         self.slot_of[stream] = slot
         self.stream_at[slot] = stream
+        if self._undo is not None:
+            self._undo.created.add(stream)
         return slot
 
     def _grow(self, capacity: int) -> None:
@@ -130,6 +206,52 @@ class StateStore:
             setattr(self, name, np.concatenate([arr, np.full(extra, self._FILL[name], arr.dtype)]))
         self.stream_at.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
+
+    # -- undo ---------------------------------------------------------------------------------
+
+    def track(self) -> None:
+        """Open an undo log: from now on, changes can be rolled back (one micro-batch)."""
+        self._undo = UndoLog()
+
+    def settle(self) -> None:
+        """Close the undo log: the batch's changes are final (its transaction committed)."""
+        self._undo = None
+
+    def rollback(self) -> int:
+        """Put every stream back as it was at :meth:`track`: streams created since are dropped,
+        changed or evicted ones get their before-image back. Returns the streams restored.
+        Without an open log this does nothing."""
+        undo, self._undo = self._undo, None
+        if undo is None:
+            return 0
+        for stream in undo.created:
+            self._drop(stream)
+        for image in undo.images:
+            slots = self.slots_for(image.streams)
+            for name, values in image.arrays.items():
+                self._array(name)[slots] = values
+            index = torch.from_numpy(slots)
+            for h, saved in zip(self.hidden, image.hidden, strict=True):
+                h.index_copy_(0, index, saved)
+        return len(undo.saved)
+
+    def _array(self, name: str) -> npt.NDArray[np.generic]:
+        owner = self.normalizer if name in Normalizer.FIELDS else self
+        array: npt.NDArray[np.generic] = getattr(owner, name)
+        return array
+
+    def _save(self, streams: list[str]) -> None:
+        """Copy the current state of ``streams`` (existing, not yet saved) into the undo log."""
+        assert self._undo is not None
+        slots = np.fromiter((self.slot_of[s] for s in streams), dtype=np.int64, count=len(streams))
+        names = (*Normalizer.FIELDS, *self._SLOT_ARRAYS)
+        arrays = {name: self._array(name)[slots].copy() for name in names}
+        index = torch.from_numpy(slots)
+        hidden = [h.index_select(0, index) for h in self.hidden]
+        self._undo.images.append(_Image(streams, arrays, hidden))
+        self._undo.saved.update(streams)
+
+    # -- lifecycle ----------------------------------------------------------------------------
 
     def reset(self, slots: I64) -> None:
         """Cold-start ``slots``: zero hidden state and normalizer, keep ``seq``."""
@@ -144,7 +266,16 @@ class StateStore:
         self.hidden = [torch.zeros(self.capacity, s) for s in self.state_sizes]
 
     def evict(self, stream: str) -> bool:
-        """Drop a stream's state and free its slot; False if it had none."""
+        """Drop a stream's state and free its slot; False if it had none. Undoable."""
+        undo = self._undo
+        if undo is not None and stream in self.slot_of:
+            if stream in undo.created:
+                undo.created.discard(stream)  # nothing to put back: it had no state before
+            elif stream not in undo.saved:
+                self._save([stream])
+        return self._drop(stream)
+
+    def _drop(self, stream: str) -> bool:
         slot = self.slot_of.pop(stream, None)
         if slot is None:
             return False
@@ -161,14 +292,24 @@ class StateStore:
         self.offset[slots] = offsets
         self.seen_at[slots] = time.time()
 
+    # -- queries ------------------------------------------------------------------------------
+
     def streams_of(self, partitions: Iterable[int]) -> list[str]:
         """Streams whose newest tick came from one of ``partitions``."""
         wanted = np.isin(self.partition, np.fromiter(partitions, dtype=np.int64))
         return [s for s in (self.stream_at[i] for i in np.flatnonzero(wanted)) if s is not None]
 
-    def idle(self, before_event_ts: float | None, before_wall: float | None) -> list[str]:
-        """Streams whose newest tick is older than the given event time or wall time."""
+    def idle(
+        self,
+        before_event_ts: float | None,
+        before_wall: float | None,
+        partitions: Iterable[int] | None = None,
+    ) -> list[str]:
+        """Streams whose newest tick is older than the given event time or wall time
+        (only those of ``partitions``, when given)."""
         live = np.array([s is not None for s in self.stream_at])
+        if partitions is not None:
+            live &= np.isin(self.partition, np.fromiter(partitions, dtype=np.int64))
         old = np.zeros(self.capacity, dtype=bool)
         if before_event_ts is not None:
             old |= self.normalizer.last_ts < before_event_ts
@@ -176,13 +317,18 @@ class StateStore:
             old |= self.seen_at < before_wall
         return [self.stream_at[i] or "" for i in np.flatnonzero(live & old)]
 
-    def oldest(self, n: int) -> list[str]:
-        """The ``n`` streams seen longest ago (wall time), for the stream cap."""
+    def oldest(self, n: int, partitions: Iterable[int] | None = None) -> list[str]:
+        """The ``n`` streams seen longest ago (wall time), for the stream cap (only those of
+        ``partitions``, when given)."""
         slots = np.array(list(self.slot_of.values()), dtype=np.int64)
+        if partitions is not None and len(slots):
+            slots = slots[np.isin(self.partition[slots], np.fromiter(partitions, dtype=np.int64))]
         if n <= 0 or len(slots) == 0:
             return []
         pick = slots[np.argsort(self.seen_at[slots], kind="stable")[:n]]
         return [self.stream_at[i] or "" for i in pick]
+
+    # -- snapshots ----------------------------------------------------------------------------
 
     def snapshot(self, stream: str) -> bytes:
         """One stream's state as a changelog value (see the module docstring)."""
@@ -206,6 +352,11 @@ class StateStore:
         Returns False if the hidden state does not fit this model (it then starts cold while
         the statistics and ``seq`` are kept). Raises ValueError if the statistics do not fit.
         """
+        expected = self.normalizer.snapshot_width
+        if len(snap.normalizer) != expected:
+            raise ValueError(
+                f"normalizer snapshot has {len(snap.normalizer)} numbers, expected {expected}"
+            )
         slot = self.slots_for([stream])[0]
         self.normalizer.restore(slot, snap.normalizer)
         self.seq[slot], self.prev_forecast[slot] = snap.seq, snap.prev_forecast
@@ -220,6 +371,67 @@ class StateStore:
         for h, part in zip(self.hidden, torch.split(flat, self.state_sizes), strict=True):
             h[slot] = part
         return True
+
+    def install(self, snapshots: dict[str, bytes]) -> InstallReport:
+        """Install many changelog values (stream → snapshot bytes) at once.
+
+        Values are grouped by length and decoded with one structured view per group; slots are
+        filled with one scatter per array. A value that is not a snapshot, or whose statistics
+        do not fit this model's features, is left out (listed in ``unusable``: that stream
+        starts cold); one whose hidden state does not fit starts with zero hidden state.
+        """
+        report = InstallReport()
+        by_size: dict[int, list[str]] = {}
+        for stream, blob in snapshots.items():
+            by_size.setdefault(len(blob), []).append(stream)
+        for size, streams in by_size.items():
+            if size < _HEADER.size:
+                report.unusable += streams
+                continue
+            _, _, _, _, _, n_norm, n_hidden = _HEADER.unpack_from(snapshots[streams[0]])
+            dtype = _snapshot_dtype(n_norm, n_hidden)
+            if dtype.itemsize != size:
+                report.unusable += streams
+                continue
+            rows = np.frombuffer(b"".join(snapshots[s] for s in streams), dtype=dtype)
+            ok = (
+                (rows["version"] == SNAPSHOT_VERSION)
+                & (rows["n_norm"] == n_norm)
+                & (rows["n_hidden"] == n_hidden)
+            )
+            if n_norm != self.normalizer.snapshot_width:
+                ok[:] = False
+            report.unusable += [s for s, good in zip(streams, ok.tolist(), strict=True) if not good]
+            if not ok.all():
+                rows = rows[ok]
+                streams = [s for s, good in zip(streams, ok.tolist(), strict=True) if good]
+            if not streams:
+                continue
+            fits = n_hidden == sum(self.state_sizes)
+            self._install_rows(streams, rows, fits)
+            report.installed += len(streams)
+            report.cold_hidden += 0 if fits else len(streams)
+        if report.unusable:
+            log.warning("event=unusable_snapshots streams=%d action=start_cold",
+                        len(report.unusable))  # fmt: skip
+        return report
+
+    def _install_rows(self, streams: list[str], rows: npt.NDArray[np.void], fits: bool) -> None:
+        slots = self.slots_for(streams)
+        self.normalizer.restore_many(slots, rows["norm"])
+        self.seq[slots] = rows["seq"]
+        self.prev_forecast[slots] = rows["prev"]
+        self.partition[slots] = rows["partition"]
+        self.offset[slots] = rows["offset"]
+        self.seen_at[slots] = time.time()
+        index = torch.from_numpy(slots)
+        if not fits:
+            for h in self.hidden:
+                h.index_fill_(0, index, 0.0)
+            return
+        flat = torch.from_numpy(rows["hidden"].copy())  # (n, sum S_l), aligned copy
+        for h, part in zip(self.hidden, torch.split(flat, self.state_sizes, dim=1), strict=True):
+            h.index_copy_(0, index, part.contiguous())
 
     def state_bytes(self) -> int:
         """Bytes held by per-slot arrays (all capacity, not only live streams)."""

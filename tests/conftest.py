@@ -31,8 +31,10 @@ def bootstrap() -> Iterator[str]:
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(args: list[str], env: dict[str, str] | None = None) -> DaemonProcess:
-        proc = DaemonProcess(args, tmp_path / f"daemon-{len(started)}.log", env)
+    def start(
+        args: list[str], env: dict[str, str] | None = None, module: str = "pipeline.cli"
+    ) -> DaemonProcess:
+        proc = DaemonProcess(args, tmp_path / f"daemon-{len(started)}.log", env, module)
         started.append(proc)
         return proc
 

@@ -63,8 +63,14 @@ class Record:
         return json.loads(self.value or b"null")
 
 
-def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 60.0) -> list[Record]:
-    """Read ``topic`` from the beginning until ``count`` records arrived (or the timeout)."""
+def read_topic(
+    bootstrap: str, topic: str, count: int, timeout_s: float = 60.0, idle_s: float = 0.0
+) -> list[Record]:
+    """Read ``topic`` from the beginning until ``count`` records arrived (or the timeout).
+
+    With ``idle_s``, go on reading after that until no record came for ``idle_s`` seconds:
+    for topics that may hold more than ``count`` (repeats of aborted transactions on Tansu).
+    """
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -77,12 +83,16 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 60.0) 
     )
     out: list[Record] = []
     deadline = time.monotonic() + timeout_s
+    last_new = time.monotonic()
     try:
-        while len(out) < count and time.monotonic() < deadline:
-            for tp, recs in consumer.poll(timeout_ms=500).items():
+        while time.monotonic() < deadline:
+            if len(out) >= count and time.monotonic() - last_new >= idle_s:
+                break
+            for tp, recs in consumer.poll(timeout_ms=200).items():
                 for r in recs:
                     headers = {k: v for k, v in r.headers}
                     out.append(Record(r.key, r.value, headers, tp.partition, r.offset))
+                    last_new = time.monotonic()
     finally:
         consumer.close()
     return out
@@ -91,7 +101,13 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 60.0) 
 class DaemonProcess:
     """``pipeline run`` as a subprocess with its log in a file; stop() sends SIGTERM."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        module: str = "pipeline.cli",
+    ):
         full_env = {
             **os.environ,
             "PIPELINE_KAFKA__SESSION_TIMEOUT_MS": "2000",
@@ -101,7 +117,7 @@ class DaemonProcess:
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", *args],
+            [sys.executable, "-m", module, "run", *args],
             cwd=ROOT,
             env=full_env,
             stdout=self._log,

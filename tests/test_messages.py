@@ -92,15 +92,9 @@ def test_values_with_single_feature() -> None:
     assert tick(doc(ts=1_700_000_000, values={"value": 7})).values == (7.0,)
 
 
-def test_key_is_stream_id_and_wins_over_stream_field() -> None:
-    out = tick(doc(ts=1_700_000_000, value=1, stream="from-field"), key="grüße/1".encode())
+def test_key_is_stream_id() -> None:
+    out = tick(doc(ts=1_700_000_000, value=1), key="grüße/1".encode())
     assert out.stream == "grüße/1"
-
-
-@pytest.mark.parametrize("key", [None, b""])
-def test_stream_field_stands_in_for_missing_key(key: bytes | None) -> None:
-    out = tick(doc(ts=1_700_000_000, value=1, stream="from-field"), key=key)
-    assert out.stream == "from-field"
 
 
 def test_encode_tick_decodes() -> None:
@@ -254,14 +248,23 @@ def test_log_target_needs_a_positive_value(price: float) -> None:
                 positive=0).values == (5.0, 0.0)  # fmt: skip
 
 
-def test_stream_field_must_be_encodable_as_a_record_key() -> None:
-    # json.loads accepts a lone surrogate escape; such an id cannot become the forecast's key.
-    value = b'{"ts": 1700000000, "value": 1, "stream": "bad\\ud800"}'
-    out = decode(None, value, SRC)
-    if isinstance(out, Tick):
-        out.stream.encode("utf-8")  # raises UnicodeEncodeError: the daemon's sink would crash
-    else:
-        assert out.reason in (Reason.MISSING_STREAM, Reason.BAD_TYPE)
+def test_a_stream_field_never_replaces_the_key() -> None:
+    # Keyless ticks that name their stream would reach whichever partition the producer picked:
+    # one stream on several partitions, two owners after a rebalance (decision 18).
+    rej = reject(doc(ts=TS, value=1, stream="s1"), key=None)
+    assert rej.reason is Reason.MISSING_KEY and "key" in rej.detail and "s1" in rej.detail
+    assert reject(doc(ts=TS, value=1, stream="bad\ud800"), key=b"").reason is Reason.MISSING_KEY
+
+
+@pytest.mark.parametrize("named", ["s2", "", 1, ["s1"], True])
+def test_a_stream_field_that_differs_from_the_key_is_rejected(named: Any) -> None:
+    rej = reject(doc(ts=TS, value=1, stream=named), key=b"s1")
+    assert rej.reason is Reason.KEY_MISMATCH and "s1" in rej.detail
+
+
+@pytest.mark.parametrize("named", ["s1", None])
+def test_a_stream_field_equal_to_the_key_or_null_is_accepted(named: Any) -> None:
+    assert tick(doc(ts=TS, value=1, stream=named), key=b"s1").stream == "s1"
 
 
 _TS_TOO_BIG = {Reason.BAD_TIMESTAMP}
@@ -317,6 +320,7 @@ def test_rejection_headers_detail_is_bounded_bytes() -> None:
 def _check(out: Tick | Rejection, key: bytes | None, value: bytes, n_features: int) -> None:
     if isinstance(out, Tick):
         assert isinstance(out.stream, str) and out.stream
+        assert key is not None and out.stream == key.decode()  # the key alone names the stream
         out.stream.encode("utf-8")  # the forecast record's Kafka key (sink.py)
         assert isinstance(out.ts, float) and math.isfinite(out.ts)
         assert 0.0 <= out.ts <= 7_258_118_400.0

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install system-deps run test lint typecheck unit bench train accuracy clean
+.PHONY: help install system-deps run test lint typecheck unit soak bench train accuracy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -37,6 +37,10 @@ unit: $(STAMP)  ## pytest (unit + integration on a real broker)
 	$(BIN)/pytest -q $(ARGS)
 
 test: system-deps lint typecheck unit  ## everything CI runs
+
+SOAK_MINUTES ?= 30
+soak: $(STAMP)  ## the randomized daemon test, seed after seed, for SOAK_MINUTES (default 30)
+	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/pytest -q -s -p no:cacheprovider -m soak tests/test_daemon_random.py
 
 bench: $(STAMP)  ## benchmarks with their baselines
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.messages import Tick
 from pipeline.model import LoadedModel
-from pipeline.normalize import F64, I64, horizon_scale
+from pipeline.normalize import ABS_FLOOR, F64, I64, REL_FLOOR, horizon_scale
 from pipeline.state import StateStore
 
 LatePolicy = Literal["dead_letter", "drop", "accept"]
@@ -224,7 +224,7 @@ class Engine:
             return np.zeros(0), np.zeros(0)
         s = slots[ok]
         actual = values[ok, target]
-        scale = np.sqrt(norm.dsq[s, target]) + 1e-30 + 1e-9 * np.abs(norm.mean[s, target])
+        scale = np.sqrt(norm.dsq[s, target]) + ABS_FLOOR + REL_FLOOR * np.abs(norm.mean[s, target])
         return np.abs(actual - prev[ok]) / scale, np.abs(actual - norm.last[s, target]) / scale
 
     def _late(self, slots: I64, ts: F64) -> npt.NDArray[np.bool_]:

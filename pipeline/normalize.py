@@ -63,9 +63,12 @@ class NormalizedStep:
 
 
 # Relative and absolute floors keep a constant stream from dividing by zero without
-# flattening streams that genuinely move by 1e-6 of their level.
-_REL_FLOOR = 1e-9
-_ABS_FLOOR = 1e-30
+# flattening streams that genuinely move by 1e-6 of their level. The absolute floor sits near
+# the bottom of float64 so that a stream living at 1e-300 keeps its own units (with 1e-30, its
+# forecasts came out near 1e-31). Below ~1e-154 the squares in var/dsq underflow to 0 and the
+# floors take over: such a stream is forecast close to persistence, in its units.
+REL_FLOOR = 1e-9
+ABS_FLOOR = 1e-300
 
 
 class Normalizer:
@@ -143,7 +146,7 @@ class Normalizer:
         self.dsq[slots], self.dt_mean[slots], self.count[slots] = dsq, dt_mean, n
         self.last_ts[slots] = np.where(n == 1, ts, np.maximum(ts, self.last_ts[slots]))
 
-        floor = _ABS_FLOOR + _REL_FLOOR * np.abs(new_mean)
+        floor = ABS_FLOOR + REL_FLOOR * np.abs(new_mean)
         std = np.sqrt(new_var / _debias(cfg.level_alpha, n)[:, None]) + floor
         scale = np.sqrt(dsq) + floor
         clip = cfg.clip

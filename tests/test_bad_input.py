@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
@@ -119,3 +120,72 @@ def _free() -> int:
     from pipeline.embedded import free_port
 
     return free_port()
+
+
+def _odd_records(rng: random.Random, t: int, round_: int) -> list[tuple[bytes | None, bytes]]:
+    """Odd but valid: new streams whose only ticks have null/"NA" targets, keyless ticks that
+    name a stream in their body, and new streams living at 1e-300."""
+    out: list[tuple[bytes | None, bytes]] = []
+    for k in range(4):
+        stream = f"nullonly-{round_}-{t}-{k}".encode()
+        out.append((stream, json.dumps({"ts": T0 + t, "value": rng.choice([None, "NA"])}).encode()))
+    for _ in range(3):
+        doc = {"ts": T0 + t, "value": 1.5, "stream": f"g{rng.randrange(40):02d}"}
+        out.append((None, json.dumps(doc).encode()))
+    for k in range(3):
+        value = 1e-300 * (1 + 0.1 * math.sin(t + k))
+        out.append((f"tiny-{k}".encode(), json.dumps({"ts": T0 + t, "value": value}).encode()))
+    return out
+
+
+def test_odd_but_valid_records_never_stop_the_daemon(
+    bootstrap: str, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Issue 11's acceptance: 200 odd records among 40 ordinary streams, then a restart on the
+    same group with 200 more. One new stream whose first value was null killed the daemon in a
+    loop before (its state went to changelog partition -1, before the offset was committed)."""
+    rng = random.Random(11)
+    inp, out, dlq, group = unique("ticks"), unique("fc"), unique("dlq"), unique("g")
+    create_topics(bootstrap, [inp, out, dlq], 3)
+    args = ["--bootstrap-servers", bootstrap, "--input-topic", inp, "--output-topic", out,
+            "--dlq-topic", dlq, "--group-id", group, "--metrics-port", "0",
+            "--no-sample-feed"]  # fmt: skip
+
+    def feed(start: int, round_: int) -> tuple[int, int]:
+        records: list[tuple[bytes | None, bytes | None]] = []
+        odd = 0
+        for t in range(start, start + 20):
+            batch = _odd_records(rng, t, round_)  # 10 odd records per round of ticks
+            records += batch
+            odd += len(batch)
+            for s in range(40):
+                value = 10.0 * (s + 1) + math.sin(t / 3 + s)
+                records.append((f"g{s:02d}".encode(),
+                                json.dumps({"ts": T0 + t, "value": value}).encode()))  # fmt: skip
+        produce(bootstrap, inp, records)
+        return odd, 20 * 40
+
+    odd, ordinary = feed(0, 1)
+    assert odd == 200
+    first = start_daemon(args, env={"PIPELINE_KAFKA__INSTANCE_ID": "a"})
+    docs = [r.json() for r in read_topic(bootstrap, out, ordinary + 60, idle_s=2)]
+    assert first.proc.poll() is None, first.log()[-3000:]
+    first.stop(signal.SIGKILL)  # a crash; the restart must not meet a poison pill either
+
+    odd, _ = feed(20, 2)
+    assert odd == 200
+    second = start_daemon(args, env={"PIPELINE_KAFKA__INSTANCE_ID": "a"})
+    docs = [r.json() for r in read_topic(bootstrap, out, 2 * (ordinary + 60), idle_s=2)]
+    assert second.proc.poll() is None, second.log()[-3000:]
+    for s in range(40):  # every ordinary tick forecast once per seq, the restart continuing
+        seqs = sorted({d["seq"] for d in docs if d["stream"] == f"g{s:02d}"})
+        assert seqs == list(range(1, 41)), (s, seqs)
+    tiny = [d for d in docs if d["stream"].startswith("tiny-")]
+    assert {d["seq"] for d in tiny if d["stream"] == "tiny-0"} == set(range(1, 41))
+    assert all(math.isfinite(v) and abs(v) < 1e-290 for d in tiny for v in d["forecast"])
+    assert not [d for d in docs if d["stream"].startswith("nullonly")]
+    dead = read_topic(bootstrap, dlq, 2 * 60, idle_s=1)
+    assert Counter(r.headers["error"].decode() for r in dead) == {"missing_key": 120}
+    assert second.stop() == 0
+    assert "Traceback" not in first.log() + second.log()
+    assert "event=state_restored" in second.log()

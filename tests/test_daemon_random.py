@@ -93,8 +93,8 @@ class Generator:
              "mismatch", "non_finite", "invalid"],
             weights=[55, 6, 6, 5, 6, 4, 4, 3, 3, 3],
         )[0]  # fmt: skip
-        if kind in ("ordinary", "late", "missing_cov", "magnitude") and not self.live:
-            kind = "new"
+        if kind not in ("new", "null_first") and not self.live:
+            kind = "new"  # every other kind picks an existing stream
         self.made[kind] += 1
         if kind in ("new", "null_first"):
             name, state = self._new_stream("n" if kind == "new" else "z")

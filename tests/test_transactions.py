@@ -177,3 +177,21 @@ def test_a_fenced_daemon_stops_with_the_reason(
         usurper.commit_transaction()
     finally:
         usurper.close()
+
+
+def test_the_stream_cap_holds_without_a_changelog(bootstrap: str) -> None:
+    """Eviction used to run only with a changelog: without one, memory grew without bound."""
+    inp = unique("ticks")
+    create_topics(bootstrap, [inp], 1)
+    state = {"changelog": False, "max_streams": 3, "evict_interval_seconds": 0.01}
+    daemon = Daemon(_settings(bootstrap, inp, unique("g"), state=state), load_model(None))
+    assert daemon._connect()
+    try:
+        for r in range(4):  # 8 new streams a round
+            produce(bootstrap, inp, [(f"r{r}-{s}".encode(), json.dumps({"ts": T0 + r,
+                                      "value": 1.0}).encode()) for s in range(8)])  # fmt: skip
+            _run_until(daemon, lambda r=r: daemon.totals.forecasts == 8 * (r + 1))
+            assert len(daemon.engine.store) == 3
+            time.sleep(0.02)  # the next batch's eviction is due
+    finally:
+        daemon._close()

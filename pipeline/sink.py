@@ -291,14 +291,14 @@ class Sink:
         an abort does not always clear. Raises TransactionFailed, or FencedError when another
         instance took our transactional id: a new producer would fence it in turn, and two
         instances would take the id from each other for ever, so this one must stop."""
-        if abort and self._fenced(cause):
-            self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
+        fenced = abort and self._fenced(cause)  # looks at the pending futures: before the reset
+        self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
+        if fenced:
             raise FencedError(
                 f"transactional id {self.transactional_id!r} was fenced: another instance with "
                 "the same kafka.instance_id took over; this one stops (give every replica its "
                 "own kafka.instance_id)"
             ) from cause
-        self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
         if abort:
             try:
                 self.producer.abort_transaction()

@@ -61,8 +61,14 @@ class KafkaSettings(_Section):
     rejoin_timeout_ms: int = Field(default=120_000, ge=1_000)
     # The broker long-polls at most this long; below ~100 ms Tansu's fetch loop degrades.
     fetch_max_wait_ms: int = Field(default=100, ge=0)
-    # Upper bound of one micro-batch (= one poll = one commit).
+    # Upper bound of one micro-batch (one poll).
     max_poll_records: int = Field(default=5_000, ge=1)
+    # Commit cadence: a transaction (exactly-once) or an offset commit (at-least-once) covers
+    # the micro-batches of up to this many milliseconds or input records, whichever comes
+    # first (0 ms: one per poll). Under exactly-once, forecasts become visible to
+    # read_committed consumers at the commit, so this bounds the latency it adds.
+    commit_interval_ms: int = Field(default=100, ge=0)
+    commit_records: int = Field(default=10_000, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     linger_ms: int = Field(default=5, ge=0)
     # Producer batch size per partition. kafka-python's 16 KiB default splits one poll's

@@ -13,28 +13,24 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from types import FrameType
 
 from pipeline import metrics
 from pipeline.checkpoint import StateKeeper
 from pipeline.config import Settings
-from pipeline.engine import Engine, ForecastBatch
+from pipeline.engine import Engine
 from pipeline.errors import (
     BrokerError,
-    FencedError,
-    TransactionFailed,
     TransactionsUnsupported,
 )
 from pipeline.kafka_admin import ensure_topics, partitions_of, probe
-from pipeline.messages import Reason, Rejection, Tick
+from pipeline.messages import Reason
 from pipeline.model import LoadedModel
 from pipeline.quality import Quality
 from pipeline.reload import ModelWatcher, reload_model
 from pipeline.sink import Sink
-from pipeline.source import Polled, Source
+from pipeline.source import Source
+from pipeline.transaction import Totals, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +39,6 @@ TOPIC_CHECK_INTERVAL_S = 5.0
 MAX_BACKOFF_S = 15.0
 PROGRESS_INTERVAL_S = 10.0
 FIRST_PROGRESS_S = 3.0  # the first progress line comes early so a new user sees forecasts
-
-
-@dataclass
-class Totals:
-    """Counts since start, for the progress log line and the shutdown summary."""
-
-    consumed: int = 0
-    forecasts: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    last: dict[str, object] = field(default_factory=dict)
 
 
 class Daemon:
@@ -73,8 +58,16 @@ class Daemon:
         self.sink: Sink | None = None
         self.keeper = StateKeeper(settings, self.engine.store)
         self.exactly_once = settings.kafka.processing_guarantee == "exactly_once"
+        self.unit = Transaction(
+            settings,
+            self.engine,
+            self.keeper,
+            self.stop_event,
+            exactly_once=self.exactly_once,
+            quality=self.quality,
+            totals=self.totals,
+        )
         self._to_restore: set[int] = set()  # assigned partitions paused until state is restored
-        self._failures = 0  # consecutive failed transactions (backoff)
         # Set while the group owes this member an assignment (after a revoke, or since joining).
         self._awaiting_assignment_since: float | None = None
         self.model_watch = ModelWatcher(loaded.path, settings.model.watch_seconds)
@@ -94,7 +87,10 @@ class Daemon:
 
     def _maybe_reload(self, now: float) -> None:
         """Reload on SIGHUP, or when the model file changed (pipeline/reload.py)."""
-        if self.model_watch.due(now) and reload_model(self.engine, self.model_watch.path):
+        if not self.model_watch.due(now):
+            return
+        self.unit.commit()  # the undo log cannot undo a reload: commit before it
+        if reload_model(self.engine, self.model_watch.path):
             self._publish_model_info()
 
     def run(self) -> None:
@@ -116,6 +112,12 @@ class Daemon:
         try:
             while not self.stop_event.is_set():
                 self.step(timeout_ms=200)
+        except BrokerError as exc:
+            if not self.stop_event.is_set():
+                raise
+            # A stop came while a commit was still retrying its sends: nothing is lost (the
+            # offsets were not committed; the records come again to whoever reads next).
+            log.warning("event=stopped_before_commit error=%s", exc)
         finally:
             self._close()
 
@@ -156,8 +158,8 @@ class Daemon:
                 if kafka.create_topics:
                     ensure_topics(kafka, self._topics())
                     self._ensure_changelog()
-                self.sink = self._make_sink()
-                self.source = self._make_source()
+                self.sink = self.unit.sink = self._make_sink()
+                self.source = self.unit.source = self._make_source()
                 return True
             except BrokerError as exc:
                 attempt += 1
@@ -169,7 +171,7 @@ class Daemon:
                 )  # fmt: skip
                 if self.sink is not None:
                     self.sink.close()
-                    self.sink = None
+                    self.sink = self.unit.sink = None
                 self.stop_event.wait(delay)
         return False
 
@@ -205,7 +207,7 @@ class Daemon:
         attempt = 0
         while not self.stop_event.is_set():
             try:
-                self.source = self._make_source()
+                self.source = self.unit.source = self._make_source()
                 return
             except BrokerError as exc:
                 attempt += 1
@@ -266,9 +268,11 @@ class Daemon:
         metrics.TOPICS_RECREATED.inc(len(created))
 
     def step(self, timeout_ms: int) -> int:
-        """One micro-batch; returns the number of input records handled."""
+        """One poll: its micro-batch joins the open transaction, committed when due; returns
+        the number of input records handled."""
         assert self.source is not None and self.sink is not None
-        polled = self.source.poll(timeout_ms)
+        unit = self.unit
+        polled = self.source.poll(min(timeout_ms, unit.time_left_ms()))
         now = time.monotonic()
         self.health.loop_at = self.health.poll_ok_at = now
         if now >= self._next_lag:
@@ -282,94 +286,16 @@ class Daemon:
         self._maybe_reload(now)
         self._check_rejoin(now)
         if self._to_restore:
+            unit.commit()  # restored state must not enter the open transaction's undo log
             self._restore_pending()
         if polled:
-            self._handle(polled)
+            unit.add(polled)
+        if unit.due():
+            unit.commit()
         if now >= self._next_progress:
             self._log_progress()
             self._next_progress = now + PROGRESS_INTERVAL_S
         return len(polled)
-
-    def _handle(self, polled: Polled) -> None:
-        """One micro-batch: forecasts, dead letters, state and offsets, committed together.
-
-        Exactly-once: the store keeps an undo log of the streams the batch changes. If the
-        transaction cannot begin or commit, the state is rolled back in memory (O(streams
-        touched), no changelog read) and the source seeks back to the batch's first offsets,
-        so the same records come again after a backoff. A fenced producer stops the daemon.
-        """
-        assert self.source is not None and self.sink is not None
-        started = time.perf_counter()
-        sink, store = self.sink, self.engine.store
-        if self.exactly_once:
-            if not self._begin(polled):
-                return
-            store.track()
-        ticks = [r for r in polled.records if isinstance(r, Tick)]
-        rejections = [r for r in polled.records if isinstance(r, Rejection)]
-        batch = self.engine.process(ticks)
-        dropped: list[Tick] = list(batch.missing)  # missing target: nothing to forecast from
-        if batch.late and self.settings.input.late_policy == "drop":
-            dropped += batch.late
-        elif batch.late:
-            rejections += [_late_rejection(t) for t in batch.late]
-        sink.send_forecasts(batch, self.engine.version)
-        sink.send_dead_letters(rejections)
-        if self.settings.state.changelog:
-            sink.send_state(self.keeper.records(batch.touched))
-        last_read = {p: o - 1 for p, o in polled.offsets.items()}
-        sink.send_state(self.keeper.evictions(last_read))  # no changelog: evicts, sends nothing
-        if self.exactly_once:
-            try:
-                sink.commit(
-                    {self.settings.kafka.input_topic: polled.offsets}, self.source.group_metadata()
-                )
-            except TransactionFailed as exc:
-                self._roll_back(polled, exc)
-                return
-            store.settle()
-            metrics.TRANSACTIONS.labels("committed").inc()
-        else:
-            sink.flush()
-            if not self.source.commit(polled.offsets):
-                metrics.COMMIT_FAILURES.inc()
-        self.keeper.batch_committed()
-        self._failures = 0
-        produced_at = time.time()
-        self._observe(polled, batch, rejections, produced_at, time.perf_counter() - started)
-        self._reconcile(batch.ticks, rejections, dropped)
-
-    def _begin(self, polled: Polled) -> bool:
-        """Open the batch's transaction; False (records rewound, backoff taken) if it failed.
-
-        A fenced producer (FencedError) is not retried: it propagates and stops the daemon.
-        """
-        assert self.source is not None and self.sink is not None
-        try:
-            self.sink.begin()
-        except FencedError:
-            raise
-        except (BrokerError, TransactionFailed) as exc:
-            log.warning("event=transaction_begin_failed error=%s action=rewind", exc)
-            self.source.rewind_to(polled.starts)
-            self._backoff()
-            return False
-        return True
-
-    def _roll_back(self, polled: Polled, exc: TransactionFailed) -> None:
-        """The batch's transaction aborted: undo its state changes and read it again."""
-        assert self.source is not None
-        streams = self.engine.store.rollback()
-        self.keeper.batch_aborted()
-        self.source.rewind_to(polled.starts)
-        metrics.TRANSACTIONS.labels("aborted").inc()
-        log.warning("event=transaction_aborted error=%s action=roll_back streams=%d", exc, streams)
-        self._backoff()
-
-    def _backoff(self) -> None:
-        """Wait before retrying a failed batch: 0.1 s, doubling per consecutive failure."""
-        self._failures += 1
-        self.stop_event.wait(min(0.1 * 2 ** (self._failures - 1), MAX_BACKOFF_S))
 
     def _restore(self, committed: dict[int, int]) -> None:
         if not self.settings.state.changelog:
@@ -385,58 +311,6 @@ class Daemon:
             ",".join(map(str, report.partitions)), report.streams, report.records,
             report.cold_hidden, report.unusable, report.seconds,
         )  # fmt: skip
-
-    def _observe(
-        self,
-        polled: Polled,
-        batch: ForecastBatch,
-        rejections: list[Rejection],
-        produced_at: float,
-        seconds: float,
-    ) -> None:
-        kafka = self.settings.kafka
-        metrics.BATCH_SECONDS.observe(seconds)
-        metrics.MODEL_SECONDS.observe(batch.model_seconds)
-        metrics.BATCH_SIZE.observe(len(polled))
-        metrics.TICKS.labels(kafka.input_topic).inc(len(polled))
-        metrics.FORECASTS.labels(kafka.output_topic).inc(len(batch))
-        if batch.resets:
-            metrics.STATE_RESETS.inc(batch.resets)
-        observe = metrics.END_TO_END.observe
-        for tick in batch.ticks:
-            if tick.source.timestamp_ms >= 0:
-                observe(max(produced_at - tick.source.timestamp_ms / 1000.0, 0.0))
-        for rej in rejections:
-            metrics.DEAD_LETTERS.labels(rej.reason.value).inc()
-        self.quality.observe(batch.error, batch.persistence_error)
-        metrics.ACTIVE_STREAMS.set(len(self.engine.store))
-        totals = self.totals
-        totals.consumed += len(polled)
-        totals.forecasts += len(batch)
-        totals.dead_letters += len(rejections)
-        totals.batches += 1
-        if len(batch):
-            i = len(batch) - 1
-            totals.last = {
-                "stream": batch.ticks[i].stream,
-                "value": batch.ticks[i].values[self.engine.target],
-                "seq": int(batch.seq[i]),
-                "next": [float(f"{v:.6g}") for v in batch.forecast[i, :3].tolist()],
-                "warm": bool(batch.warm[i]),
-            }
-
-    def _reconcile(
-        self, forecast: Sequence[Tick], dead: Sequence[Rejection], dropped: Sequence[Tick]
-    ) -> None:
-        """Count every input record's outcome per partition (invariant 4: nothing lost)."""
-        topic = self.settings.kafka.input_topic
-        for outcome, sources in (
-            ("forecast", (t.source.partition for t in forecast)),
-            ("dead_letter", (r.source.partition for r in dead)),
-            ("dropped", (t.source.partition for t in dropped)),
-        ):
-            for partition, n in Counter(sources).items():
-                metrics.RECORDS.labels(topic, str(partition), outcome).inc(n)
 
     def _update_lag(self) -> None:
         assert self.source is not None
@@ -492,7 +366,15 @@ class Daemon:
         self.health.restoring = False
 
     def _on_revoked(self, partitions: list[int]) -> None:
+        """Commit the open transaction (its offsets may belong to another member from the next
+        generation on), then drop the revoked partitions' streams."""
         topic = self.settings.kafka.input_topic
+        if self.unit.source is not None and self.unit.is_open:
+            log.info("event=commit_on_revoke batches=%d", self.unit.open_batches)
+            try:
+                self.unit.commit(in_rebalance=True)
+            except BrokerError as exc:  # at-least-once flush interrupted by a stop
+                log.warning("event=commit_on_revoke_failed error=%s", exc)
         if self._awaiting_assignment_since is None:
             self._awaiting_assignment_since = time.monotonic()
         if self.source is not None:
@@ -513,8 +395,8 @@ class Daemon:
 
     def _close(self) -> None:
         try:
-            if self.sink is not None and not self.exactly_once:
-                self.sink.flush()
+            if self.sink is not None and self.source is not None:
+                self.unit.commit()
         except BrokerError as exc:
             log.warning("event=final_flush_failed error=%s", exc)
         finally:
@@ -530,9 +412,3 @@ class Daemon:
             t.dead_letters,
             t.batches,
         )
-
-
-def _late_rejection(tick: Tick) -> Rejection:
-    """A late tick as a dead letter with its original bytes."""
-    detail = f"ts {tick.ts} is older than the newest tick of stream {tick.stream!r}"
-    return Rejection(Reason.LATE, detail, tick.raw_key, tick.raw_value, tick.source)

@@ -22,27 +22,29 @@ from pipeline.messages import Tick
 from pipeline.model import LoadedModel
 from pipeline.normalize import ABS_FLOOR, F64, I64, REL_FLOOR, horizon_scale
 from pipeline.state import StateStore
+from pipeline.ticks import TickBatch
 
 LatePolicy = Literal["dead_letter", "drop", "accept"]
 
 
 @dataclass(frozen=True, slots=True)
 class ForecastBatch:
-    """Forecasts for one micro-batch, row i answering ``ticks[i]`` (input order).
+    """Forecasts for one micro-batch: row i answers ``input`` row ``rows[i]`` (input order).
 
     Ticks older than their stream's newest tick are *late*: under the ``accept`` policy they are
     forecast like any other; otherwise they leave no trace in the state and are listed in
-    ``late`` (input order) for the caller to dead-letter or count.
+    ``late_rows`` (input order) for the caller to dead-letter or count.
     """
 
-    ticks: Sequence[Tick]
+    input: TickBatch
+    rows: I64  # (N,) input rows that have a forecast
     seq: I64  # (N,) 1-based count of ticks the stream has had processed
     forecast: F64  # (N, H) next H values of the target feature, stream units
     warm: npt.NDArray[np.bool_]  # (N,)
-    late: Sequence[Tick] = ()
+    late_rows: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     # Ticks whose target is missing (or a covariate with nothing to carry forward): no state
     # change, no forecast; the caller counts them as dropped.
-    missing: Sequence[Tick] = ()
+    missing_rows: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     # Scored one-step forecasts of warm streams: |actual - forecast| and |actual - last value|,
     # both divided by the stream's scale (scale-free, so streams of any size can be averaged).
     error: F64 = field(default_factory=lambda: np.zeros(0))
@@ -53,7 +55,20 @@ class ForecastBatch:
     resets: int = 0  # streams whose state turned non-finite and was reset
 
     def __len__(self) -> int:
-        return len(self.ticks)
+        return len(self.rows)
+
+    @property
+    def ticks(self) -> list[Tick]:
+        """The forecast rows as Tick objects (slow: tests and tools, not the daemon's path)."""
+        return self.input.ticks(self.rows)
+
+    @property
+    def late(self) -> list[Tick]:
+        return self.input.ticks(self.late_rows)
+
+    @property
+    def missing(self) -> list[Tick]:
+        return self.input.ticks(self.missing_rows)
 
 
 class Engine:
@@ -110,28 +125,30 @@ class Engine:
             store.reset(live)
         return "rewarmed"
 
-    def process(self, ticks: Sequence[Tick]) -> ForecastBatch:
+    def process(self, ticks: TickBatch | Sequence[Tick]) -> ForecastBatch:
         """Forecast after every tick of ``ticks``; updates the streams' state in place."""
-        n = len(ticks)
+        n_features = len(self.meta.features)
+        batch = ticks if isinstance(ticks, TickBatch) else TickBatch.from_ticks(ticks, n_features)
+        n = len(batch)
+        if n == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return ForecastBatch(batch, empty, empty, np.zeros((0, self.horizon)), empty > 0)
         seq = np.zeros(n, dtype=np.int64)
         forecast = np.zeros((n, self.horizon))
         warm = np.zeros(n, dtype=bool)
-        if n == 0:
-            return ForecastBatch(ticks, seq, forecast, warm)
         late = np.zeros(n, dtype=bool)
         missing = np.zeros(n, dtype=bool)
-        rank, streams, stream_index = _rank_by_stream(ticks)
+        rank, streams, stream_index = _rank_by_stream(batch.stream)
         slot_of = self.store.slot_of
         known = np.fromiter((s in slot_of for s in streams), dtype=bool, count=len(streams))
         slot_of_tick = self.store.slots_for(streams)[stream_index]  # (N,)
-        values = np.array([t.values for t in ticks], dtype=np.float64)  # (N, F)
+        values = batch.values
         any_missing = bool(np.isnan(values).any())
         log_target = self.meta.target_transform == "log"
         if log_target:  # the decoder rejected values <= 0; state and scores live in log units
+            values = values.copy()
             values[:, self.target] = np.log(values[:, self.target])
-        ts = np.fromiter((t.ts for t in ticks), dtype=np.float64, count=n)
-        partition = np.fromiter((t.source.partition for t in ticks), dtype=np.int64, count=n)
-        offset = np.fromiter((t.source.offset for t in ticks), dtype=np.int64, count=n)
+        ts, partition, offset = batch.ts, batch.partition, batch.offset
         order = np.argsort(rank, kind="stable")  # wave by wave, input order inside a wave
         bounds = np.searchsorted(rank[order], np.arange(int(rank.max()) + 2))
         model_seconds, resets = 0.0, 0
@@ -161,7 +178,8 @@ class Engine:
             self.store.mark(slots, partition[rows], offset[rows])
         if log_target:
             np.exp(forecast, out=forecast)
-        touched = self._settle_streams(streams, known, stream_index[~(late | missing)])
+        keep = ~(late | missing)
+        touched = self._settle_streams(streams, known, stream_index[keep])
         stats = {
             "error": np.concatenate([e for e, _ in scored]) if scored else np.zeros(0),
             "persistence_error": np.concatenate([b for _, b in scored]) if scored else np.zeros(0),
@@ -170,19 +188,16 @@ class Engine:
             "model_seconds": model_seconds,
             "resets": resets,
         }
-        if not late.any() and not missing.any():
-            return ForecastBatch(ticks, seq, forecast, warm, (), **stats)  # type: ignore[arg-type]
-        keep = ~(late | missing)
-        accepted = [t for t, ok in zip(ticks, keep.tolist(), strict=True) if ok]
-        late_ticks = [t for t, bad in zip(ticks, late.tolist(), strict=True) if bad]
-        missing_ticks = [t for t, bad in zip(ticks, missing.tolist(), strict=True) if bad]
+        if keep.all():
+            return ForecastBatch(batch, np.arange(n), seq, forecast, warm, **stats)  # type: ignore[arg-type]
         return ForecastBatch(
-            accepted,
+            batch,
+            np.flatnonzero(keep),
             seq[keep],
             forecast[keep],
             warm[keep],
-            late_ticks,
-            missing_ticks,
+            np.flatnonzero(late),
+            np.flatnonzero(missing),
             **stats,  # type: ignore[arg-type]
         )
 
@@ -258,17 +273,18 @@ class Engine:
         return (forecast, norm.warm), bad
 
 
-def _rank_by_stream(ticks: Sequence[Tick]) -> tuple[I64, list[str], I64]:
-    """Per tick: its position within its stream; the distinct streams; each tick's stream index."""
+def _rank_by_stream(streams: Sequence[str]) -> tuple[I64, list[str], I64]:
+    """Per tick: its position within its stream; the distinct streams (first-seen order); each
+    tick's index into them."""
     index_of: dict[str, int] = {}
-    counts: list[int] = []
-    rank: list[int] = []
-    stream_index: list[int] = []
-    for tick in ticks:
-        j = index_of.setdefault(tick.stream, len(counts))
-        if j == len(counts):
-            counts.append(0)
-        rank.append(counts[j])
-        counts[j] += 1
-        stream_index.append(j)
-    return np.array(rank, dtype=np.int64), list(index_of), np.array(stream_index, dtype=np.int64)
+    setdefault = index_of.setdefault
+    codes = np.fromiter(
+        (setdefault(s, len(index_of)) for s in streams), dtype=np.int64, count=len(streams)
+    )
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, len(codes)]))
+    rank = np.empty(len(codes), dtype=np.int64)
+    rank[order] = np.arange(len(codes)) - first
+    return rank, list(index_of), codes

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, Info, make_wsgi_app
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    make_wsgi_app,
+)
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 # Seconds. From a few ms (in-process) to a minute (a consumer far behind).
 LATENCY_BUCKETS = (
@@ -36,14 +49,76 @@ LATENCY_BUCKETS = (
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 
-END_TO_END = Histogram(
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram fed a whole array per call (one micro-batch), not one value.
+
+    ``prometheus_client.Histogram.observe`` costs ~4 µs per value under its lock; here a batch
+    costs one ``searchsorted`` and one ``bincount``. Exposed exactly like a Histogram
+    (``_bucket{le}``, ``_sum``, ``_count``); bucket ``le=x`` counts values ``<= x``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self._upper = np.array([*buckets, math.inf], dtype=np.float64)
+        self._counts = np.zeros(len(self._upper), dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def observe_many(self, values: npt.NDArray[np.float64]) -> None:
+        """Count every value of ``values`` (any shape; NaN counts in the +Inf bucket only)."""
+        if values.size == 0:
+            return
+        flat = values.ravel()
+        counts = np.bincount(
+            np.searchsorted(self._upper, flat, side="left"), minlength=len(self._upper)
+        )
+        total = float(np.nansum(flat))
+        with self._lock:
+            self._counts += counts[: len(self._upper)]
+            self._sum += total
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.array([value], dtype=np.float64))
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """Cumulative bucket counts (``le`` order, +Inf last) and the sum."""
+        with self._lock:
+            return np.cumsum(self._counts).tolist(), self._sum
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        cumulative, total = self.snapshot()
+        family = HistogramMetricFamily(self.name, self.documentation)
+        labels = ["+Inf" if math.isinf(b) else repr(b) for b in self._upper.tolist()]
+        family.add_metric([], list(zip(labels, cumulative, strict=True)), total)
+        return [family]
+
+
+END_TO_END = BulkHistogram(
     "pipeline_end_to_end_latency_seconds",
-    "Input record timestamp to its forecast acknowledged by the broker.",
-    buckets=LATENCY_BUCKETS,
+    "Input record timestamp to its forecast acknowledged by the broker (committed, under "
+    "exactly-once).",
+    LATENCY_BUCKETS,
 )
 BATCH_SECONDS = Histogram(
     "pipeline_batch_processing_seconds",
-    "Wall time of one micro-batch: decode, engine, produce, flush, commit.",
+    "Wall time of one micro-batch inside its transaction: engine, encode, send.",
+    buckets=STAGE_BUCKETS,
+)
+COMMIT_SECONDS = Histogram(
+    "pipeline_commit_seconds",
+    "Wall time of one commit: changelog snapshots, flush or transaction commit, offsets.",
     buckets=STAGE_BUCKETS,
 )
 MODEL_SECONDS = Histogram(

@@ -29,7 +29,7 @@ from pipeline.config import KafkaSettings
 from pipeline.engine import ForecastBatch
 from pipeline.errors import BrokerError, FencedError, TransactionFailed, TransactionsUnsupported
 from pipeline.kafka_admin import client_options
-from pipeline.messages import Rejection, encode_forecast
+from pipeline.messages import ForecastEncoder, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Sink:
         self._broken: str | None = None  # a send() that raised: the batch must be resent
         self._batch_state: list[StateRecord] = []
         self._needs_rebuild = False  # a failed transaction left no usable producer
+        self._encoder = ForecastEncoder()
 
     def _new_producer(self) -> KafkaProducer:
         kafka = self.kafka
@@ -106,18 +107,32 @@ class Sink:
             self._broken = repr(exc)
 
     def send_forecasts(self, batch: ForecastBatch, model_version: str) -> None:
-        """Queue one forecast record per row of ``batch``, keyed by stream."""
+        """Queue one forecast record per row of ``batch``, keyed by stream, with the input
+        record's partition and offset as headers."""
+        if not len(batch):
+            return
+        ticks, rows = batch.input, batch.rows
+        index = rows.tolist()
+        streams = [ticks.stream[i] for i in index]
+        keys = [ticks.key[i] for i in index]
+        values = self._encoder.encode(
+            streams,
+            ticks.ts[rows].tolist(),
+            batch.seq.tolist(),
+            batch.forecast.tolist(),
+            model_version,
+            batch.warm.tolist(),
+        )
         topic = self.output_topic
-        seqs, warm, rows = batch.seq.tolist(), batch.warm.tolist(), batch.forecast.tolist()
-        records: list[OutRecord] = []
-        for i, tick in enumerate(batch.ticks):
-            value = encode_forecast(tick.stream, tick.ts, seqs[i], rows[i], model_version, warm[i])
-            src = tick.source
-            headers = [
-                ("source.partition", str(src.partition).encode()),
-                ("source.offset", str(src.offset).encode()),
-            ]
-            records.append((topic, tick.stream.encode(), value, headers))
+        partitions = ticks.partition[rows].tolist()
+        offsets = ticks.offset[rows].tolist()
+        part_header = {p: str(p).encode() for p in set(partitions)}
+        records: list[OutRecord] = [
+            (topic, keys[j], values[j],
+             [("source.partition", part_header[partitions[j]]),
+              ("source.offset", b"%d" % offsets[j])])
+            for j in range(len(index))
+        ]  # fmt: skip
         self._batch.extend(records)
         self._dispatch(records)
 

@@ -20,9 +20,9 @@ from kafka.structs import OffsetAndMetadata
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
 from pipeline.kafka_admin import client_options
-from pipeline.messages import Rejection, Tick, decode
-from pipeline.messages import Source as RecordSource
+from pipeline.messages import Rejection
 from pipeline.state import snapshot_offset
+from pipeline.ticks import RawRecord, TickBatch, decode_records
 
 # A tombstone carries the input offset its eviction belongs with (a snapshot carries it in its
 # body): restore honours it only below the committed offset, so an aborted eviction is ignored.
@@ -35,17 +35,18 @@ PartitionsCallback = Callable[[list[int]], None]
 
 @dataclass
 class Polled:
-    """One micro-batch: decoded records and the next offset to commit per partition."""
+    """One micro-batch: decoded ticks (columns), rejections, and the offsets to commit."""
 
-    records: list[Tick | Rejection] = field(default_factory=list)
+    ticks: TickBatch = field(default_factory=TickBatch.empty)
+    rejections: list[Rejection] = field(default_factory=list)
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
-    # partition -> first offset handed out in ``records``: where to seek back to if the batch
+    # partition -> first offset handed out in this batch: where to seek back to if the batch
     # is rolled back (only partitions with records in this batch).
     starts: dict[int, int] = field(default_factory=dict)
     skipped: int = 0  # redelivered records already processed by this instance
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.ticks) + len(self.rejections)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -101,25 +102,33 @@ class Source:
         )
 
     def poll(self, timeout_ms: int) -> Polled:
-        """Fetch up to ``max_poll_records`` records and decode them."""
+        """Fetch up to ``max_poll_records`` records and decode them (pipeline.ticks)."""
         batches = self.consumer.poll(timeout_ms=timeout_ms)
         polled = Polled()
-        append, features, limit = polled.records.append, self.features, self.max_record_bytes
-        positive = self.positive
+        raw: list[RawRecord] = []
         for tp, records in batches.items():
             if not records:
                 continue
+            p = tp.partition
             first = self._first_new(tp, records[0].offset)
-            for rec in records:
-                if rec.offset < first:
-                    polled.skipped += 1
-                    continue
-                polled.starts.setdefault(tp.partition, rec.offset)
-                src = RecordSource(tp.topic, tp.partition, rec.offset, rec.timestamp)
-                append(decode(rec.key, rec.value, src, features=features, max_bytes=limit,
-                              positive=positive))  # fmt: skip
-            polled.offsets[tp.partition] = records[-1].offset + 1
-            self._next[tp.partition] = max(first, records[-1].offset + 1)
+            if first > records[0].offset:
+                kept = [r for r in records if r.offset >= first]
+                polled.skipped += len(records) - len(kept)
+            else:
+                kept = records
+            if kept:
+                polled.starts[p] = kept[0].offset
+                raw.extend([(r.key, r.value, p, r.offset, r.timestamp) for r in kept])
+            polled.offsets[p] = records[-1].offset + 1
+            self._next[p] = max(first, records[-1].offset + 1)
+        if raw:
+            polled.ticks, polled.rejections = decode_records(
+                self.topic,
+                raw,
+                features=self.features,
+                max_bytes=self.max_record_bytes,
+                positive=self.positive,
+            )
         return polled
 
     def _first_new(self, tp: TopicPartition, offset: int) -> int:

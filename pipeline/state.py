@@ -179,8 +179,8 @@ class StateStore:
             slot = slot_of.get(stream)
             if slot is None:
                 slot = self._allocate(stream)
-            elif undo is not None and stream not in undo.saved:
-                known.append(stream)
+            elif undo is not None and stream not in undo.saved and stream not in undo.created:
+                known.append(stream)  # its state before the log opened: keep a copy
             out[i] = slot
         if known:
             self._save(known)
@@ -210,7 +210,8 @@ class StateStore:
     # -- undo ---------------------------------------------------------------------------------
 
     def track(self) -> None:
-        """Open an undo log: from now on, changes can be rolled back (one micro-batch)."""
+        """Open an undo log: from now on, changes can be rolled back (one transaction, which
+        may span several micro-batches: only the first image of each stream is kept)."""
         self._undo = UndoLog()
 
     def settle(self) -> None:

@@ -96,7 +96,9 @@ def run(engine: Engine, batches: Iterator[list[Tick]] | list[list[Tick]]) -> tup
         out = engine.process(batch)
         assert isinstance(out, ForecastBatch)
         assert len(out) == len(batch)
-        assert out.ticks is batch or list(out.ticks) == list(batch)
+        assert [(t.stream, t.ts, t.values, t.source) for t in out.ticks] == [
+            (t.stream, t.ts, t.values, t.source) for t in batch
+        ]
         assert out.seq.shape == (len(batch),)
         assert out.forecast.shape == (len(batch), HORIZON)
         assert out.warm.shape == (len(batch),)

@@ -118,7 +118,7 @@ def test_broker_restart_mid_stream(
             assert seqs == list(range(1, 21)), (s, seqs)
         assert "event=topics_missing" in daemon.log()
         assert daemon.proc.poll() is None  # never crashed
-        assert daemon.stop() == 0
+        assert daemon.stop() == 0, daemon.log()[-3000:]
     finally:
         broker.stop()
 

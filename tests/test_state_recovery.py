@@ -68,7 +68,12 @@ def _check_against_reference(got: dict, ref: dict) -> None:
                 assert u == pytest.approx(v, rel=1e-5, abs=1e-5 * abs(v)), key
 
 
-def _run(bootstrap: str, start_daemon: Callable[..., DaemonProcess], chaos: Callable) -> None:
+def _run(
+    bootstrap: str,
+    start_daemon: Callable[..., DaemonProcess],
+    chaos: Callable,
+    env: dict[str, str] | None = None,
+) -> None:
     inp, out_a, out_ref = unique("ticks"), unique("fc"), unique("ref")
     create_topics(bootstrap, [inp], 6)
     group, ref_group = unique("g"), unique("ref")
@@ -78,7 +83,8 @@ def _run(bootstrap: str, start_daemon: Callable[..., DaemonProcess], chaos: Call
     feeder = threading.Thread(target=_feed, args=(bootstrap, inp, done, 45.0), daemon=True)
     feeder.start()
     survivors = chaos(lambda instance: start_daemon(
-        _args(bootstrap, inp, out_a, group), env={"PIPELINE_KAFKA__INSTANCE_ID": instance}
+        _args(bootstrap, inp, out_a, group),
+        env={"PIPELINE_KAFKA__INSTANCE_ID": instance, **(env or {})},
     ), done)  # fmt: skip
     feeder.join(timeout=120)
     ref = _by_key(read_topic(bootstrap, out_ref, STREAMS * TICKS, timeout_s=120))
@@ -129,7 +135,9 @@ def test_three_instances_join_then_one_dies(
         members[1].stop(signal.SIGKILL)
         return [members[0], members[2]]
 
-    _run(bootstrap, start_daemon, chaos)
+    # Transactions of 1.5 s: rebalances find one open, which the member must commit in its
+    # revoke callback (a former owner must not commit offsets of a partition it lost).
+    _run(bootstrap, start_daemon, chaos, env={"PIPELINE_KAFKA__COMMIT_INTERVAL_MS": "1500"})
     # Every member did work, and the partitions moved with their state.
     for member in members:
         assigned = [ln for ln in member.log().splitlines() if "event=partitions_assigned" in ln]

@@ -216,20 +216,37 @@ class EngineUnderFaults(RuleBasedStateMachine):
         self.store.settle()
         self._count(rows)
 
-    @rule(spec=st.lists(TICK, min_size=1, max_size=25), evict=st.sampled_from(STREAMS))
-    def abort_a_batch_then_retry_it(self, spec: list[tuple[str, int, float]], evict: str) -> None:
+    @rule(
+        specs=st.lists(st.lists(TICK, min_size=1, max_size=12), min_size=1, max_size=3),
+        evicts=st.lists(st.one_of(st.none(), st.sampled_from(STREAMS)), min_size=3, max_size=3),
+    )
+    def abort_a_transaction_then_retry_it(
+        self, specs: list[list[tuple[str, int, float]]], evicts: list[str | None]
+    ) -> None:
+        """One transaction of several micro-batches, with evictions between them (a stream
+        created, evicted and created again inside it, say), aborted: everything is undone."""
         before = all_snapshots(self.store)
-        ticks = self._ticks(spec)
-        self.store.track()
-        first = self._process(ticks)
-        self.store.evict(evict)  # an eviction in the aborted batch is undone too
+        batches = [self._ticks(spec) for spec in specs]
+
+        def run() -> list[dict[str, list[tuple[int, list[float]]]]]:
+            self.store.track()
+            out = []
+            for ticks, evict in zip(batches, evicts, strict=False):
+                out.append(self._process(ticks))
+                if evict is not None:
+                    self.store.evict(evict)
+            return out
+
+        first = run()
         self.store.rollback()
         assert all_snapshots(self.store) == before
-        self.store.track()
-        again = self._process(ticks)  # the same records again: the same forecasts
+        again = run()  # the same records again: the same forecasts
         self.store.settle()
         assert again == first
-        self._count(again)
+        for rows, evict in zip(again, evicts, strict=False):
+            self._count(rows)
+            if evict is not None:
+                self.accepted.pop(evict, None)
 
     @precondition(lambda self: len(self.store) > 0)
     @rule(data=st.data())

@@ -1,0 +1,98 @@
+"""Where the daemon's time goes: drain a preloaded topic with the in-process Daemon under cProfile.
+
+``python -m benchmarks.drain_profile [--ticks 30000] [--streams 1000] [--top 40]`` starts an
+embedded Tansu broker, produces the ticks (the load generator's random walks), runs
+:class:`pipeline.daemon.Daemon` in this process until every tick has an outcome, and prints the
+drain rate and the functions with the most cumulative and own time. A developer tool: the figures
+the README quotes come from ``python -m benchmarks e2e``, which runs the daemon as its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import threading
+import time
+from collections.abc import Sequence
+
+from pipeline import metrics
+from pipeline.config import load_settings
+from pipeline.daemon import Daemon
+from pipeline.embedded import EmbeddedBroker
+from pipeline.kafka_admin import ensure_topics
+from pipeline.model import load_model
+
+from . import loadgen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ticks", type=int, default=30_000)
+    parser.add_argument("--streams", type=int, default=1_000)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--guarantee", default="exactly_once")
+    parser.add_argument("--no-profile", action="store_true", help="time only")
+    args = parser.parse_args(argv)
+    with EmbeddedBroker() as broker:
+        settings = load_settings(
+            overrides={
+                "kafka": {
+                    "bootstrap_servers": broker.bootstrap_servers,
+                    "input_topic": "in",
+                    "output_topic": "out",
+                    "dlq_topic": "dlq",
+                    "group_id": "profile",
+                    "processing_guarantee": args.guarantee,
+                    "session_timeout_ms": 2000,
+                    "heartbeat_interval_ms": 500,
+                },
+                "metrics": {"port": 0},
+            }
+        )
+        ensure_topics(settings.kafka, ["in", "out", "dlq"], 6)
+        producer = loadgen.make_producer(broker.bootstrap_servers)
+        loadgen.produce_count(producer, "in", args.ticks, args.streams)
+        producer.close()
+        daemon = Daemon(settings, load_model(None))
+        done = threading.Event()
+
+        def watch() -> None:
+            while daemon.totals.consumed < args.ticks and not done.is_set():
+                time.sleep(0.05)
+            daemon.request_stop()
+
+        threading.Thread(target=watch, daemon=True).start()
+        profiler = cProfile.Profile()
+        # The clock starts at the first record consumed, not at the group join.
+        started = [0.0]
+        original = daemon.step
+
+        def step(timeout_ms: int) -> int:
+            n = original(timeout_ms)
+            if n and not started[0]:
+                started[0] = time.perf_counter()
+            return n
+
+        daemon.step = step  # type: ignore[method-assign]
+        if not args.no_profile:
+            profiler.enable()
+        daemon.run()
+        profiler.disable()
+        done.set()
+        seconds = time.perf_counter() - started[0]
+        print(
+            f"drained {daemon.totals.consumed:,} ticks in {seconds:.2f} s: "
+            f"{daemon.totals.consumed / seconds:,.0f} ticks/s ({args.guarantee}, "
+            f"{'profiled' if not args.no_profile else 'not profiled'})"
+        )
+        metrics.ACTIVE_STREAMS.set(0)
+    if not args.no_profile:
+        stats = pstats.Stats(profiler).strip_dirs()
+        stats.sort_stats("cumulative").print_stats(args.top)
+        stats.sort_stats("tottime").print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

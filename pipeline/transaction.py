@@ -1,0 +1,321 @@
+"""The unit of commit: the micro-batches between two commits, and everything they owe.
+
+A :class:`Transaction` takes polled micro-batches (:meth:`Transaction.add`) and owns what makes
+them durable together: under exactly-once, one Kafka transaction with the forecasts, dead
+letters, changelog records and input offsets of all its batches, and an in-memory undo log of
+every stream they changed; under at-least-once, a flush of all sends and then an offset commit.
+It applies the input policy (late, missing, rejected), writes each touched stream's snapshot
+once per commit (not once per poll), and reports the committed batches to the metrics.
+
+Cadence: a commit covers up to ``kafka.commit_interval_ms`` or ``kafka.commit_records``,
+whichever comes first (as Kafka Streams' ``commit.interval.ms`` and Quix Streams' checkpoint
+do). The daemon must call :meth:`Transaction.commit` before anything changes the store outside
+the engine (rebalance, restore, model reload, shutdown): the undo log would not know those
+changes, and offsets of a revoked partition must not be committed by its former owner.
+
+If a commit fails, the state is rolled back in memory (O(streams touched)), owed evictions are
+kept, the consumer seeks back to the first offsets of the aborted batches, and the next
+transaction starts after a backoff (0.1 s doubling to 15 s). A fenced producer stops the daemon
+(:class:`FencedError` propagates).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.checkpoint import StateKeeper
+from pipeline.config import Settings
+from pipeline.engine import Engine, ForecastBatch
+from pipeline.errors import BrokerError, FencedError, TransactionFailed
+from pipeline.messages import Reason, Rejection
+from pipeline.quality import Quality
+from pipeline.sink import Sink
+from pipeline.source import Polled, Source
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 15.0
+
+
+@dataclass
+class Totals:
+    """Committed counts since start, for the progress log line and the shutdown summary."""
+
+    consumed: int = 0
+    forecasts: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    commits: int = 0
+    last: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """What the open transaction's batches will report once committed."""
+
+    batches: int = 0
+    records: int = 0
+    forecasts: int = 0
+    # Kafka timestamps (ms) of the forecast inputs, for the end-to-end latency at commit.
+    timestamps: list[np.ndarray] = field(default_factory=list)
+    outcomes: Counter[tuple[int, str]] = field(default_factory=Counter)  # (partition, outcome)
+    reasons: Counter[str] = field(default_factory=Counter)
+    errors: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    resets: int = 0
+    last: dict[str, object] = field(default_factory=dict)
+
+
+class Transaction:
+    """Micro-batches in, committed outputs + state + offsets out (see the module docstring).
+
+    ``source`` and ``sink`` are set by the daemon and replaced when it recreates them.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        keeper: StateKeeper,
+        stop: threading.Event,
+        *,
+        exactly_once: bool,
+        quality: Quality | None = None,
+        totals: Totals | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.keeper = keeper
+        self.stop = stop
+        self.exactly_once = exactly_once
+        self.quality = quality or Quality()
+        self.totals = totals or Totals()
+        self.source: Source | None = None
+        self.sink: Sink | None = None
+        kafka = settings.kafka
+        self.interval_s = kafka.commit_interval_ms / 1000
+        self.max_records = kafka.commit_records
+        self.failures = 0  # consecutive failed transactions (backoff)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.is_open = False
+        self.opened_at = 0.0
+        self._offsets: dict[int, int] = {}  # partition -> next offset to commit
+        self._starts: dict[int, int] = {}  # partition -> first offset of the open transaction
+        self._touched: dict[str, None] = {}  # insertion-ordered set of changed streams
+        self._pending = _Pending()
+
+    @property
+    def open_batches(self) -> int:
+        return self._pending.batches
+
+    # -- the cadence ----------------------------------------------------------------------------
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether the open transaction should commit now."""
+        if not self.is_open:
+            return False
+        now = time.monotonic() if now is None else now
+        return self._pending.records >= self.max_records or now - self.opened_at >= self.interval_s
+
+    def time_left_ms(self, now: float | None = None) -> int:
+        """Milliseconds until the open transaction is due (for the poll timeout)."""
+        if not self.is_open:
+            return 1 << 30
+        now = time.monotonic() if now is None else now
+        return max(int((self.opened_at + self.interval_s - now) * 1000), 0)
+
+    # -- batches --------------------------------------------------------------------------------
+
+    def add(self, polled: Polled) -> bool:
+        """Process one micro-batch inside the open transaction (opened here if needed).
+
+        Returns False if the transaction could not begin (the records were rewound and a
+        backoff taken: they come again). Commits when the cadence says so.
+        """
+        if not len(polled):
+            return True
+        if not self.is_open and not self._open(polled):
+            return False
+        started = time.perf_counter()
+        assert self.sink is not None
+        sink = self.sink
+        batch = self.engine.process(polled.ticks)
+        rejections = polled.rejections
+        late_policy = self.settings.input.late_policy
+        if len(batch.late_rows) and late_policy != "drop":
+            rejections = rejections + [_late_rejection(batch, i) for i in batch.late_rows.tolist()]
+            dropped = batch.missing_rows
+        else:
+            dropped = np.concatenate([batch.missing_rows, batch.late_rows])
+        sink.send_forecasts(batch, self.engine.version)
+        sink.send_dead_letters(rejections)
+        self._touched.update(dict.fromkeys(batch.touched))
+        last_read = {p: o - 1 for p, o in polled.offsets.items()}
+        sink.send_state(self.keeper.evictions(last_read))  # no changelog: evicts, sends nothing
+        self._offsets.update(polled.offsets)
+        for p, o in polled.starts.items():
+            self._starts.setdefault(p, o)
+        self._remember(polled, batch, rejections, dropped)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.MODEL_SECONDS.observe(batch.model_seconds)
+        metrics.BATCH_SIZE.observe(len(polled))
+        if self.due():
+            self.commit()
+        return True
+
+    def _open(self, polled: Polled) -> bool:
+        assert self.sink is not None and self.source is not None
+        if self.exactly_once:
+            try:
+                self.sink.begin()
+            except FencedError:
+                raise
+            except (BrokerError, TransactionFailed) as exc:
+                log.warning("event=transaction_begin_failed error=%s action=rewind", exc)
+                self.source.rewind_to(polled.starts)
+                self._backoff()
+                return False
+            self.engine.store.track()
+        self.is_open = True
+        self.opened_at = time.monotonic()
+        return True
+
+    def _remember(
+        self, polled: Polled, batch: ForecastBatch, rejections: list[Rejection], dropped: np.ndarray
+    ) -> None:
+        """Keep what the metrics report once this batch is committed."""
+        pending = self._pending
+        pending.batches += 1
+        pending.records += len(polled)
+        pending.forecasts += len(batch)
+        ticks = batch.input
+        if len(batch):
+            pending.timestamps.append(ticks.timestamp_ms[batch.rows])
+            i = int(batch.rows[-1])
+            pending.last = {
+                "stream": ticks.stream[i],
+                "value": float(ticks.values[i, self.engine.target]),
+                "seq": int(batch.seq[-1]),
+                "next": [float(f"{v:.6g}") for v in batch.forecast[-1, :3].tolist()],
+                "warm": bool(batch.warm[-1]),
+            }
+        outcomes = pending.outcomes
+        for outcome, parts in (
+            ("forecast", ticks.partition[batch.rows]),
+            ("dropped", ticks.partition[dropped]),
+        ):
+            values, counts = np.unique(parts, return_counts=True)
+            for p, n in zip(values.tolist(), counts.tolist(), strict=True):
+                outcomes[(p, outcome)] += n
+        for rej in rejections:
+            outcomes[(rej.source.partition, "dead_letter")] += 1
+            pending.reasons[rej.reason.value] += 1
+        if len(batch.error):
+            pending.errors.append((batch.error, batch.persistence_error))
+        pending.resets += batch.resets
+
+    # -- commit / abort -------------------------------------------------------------------------
+
+    def commit(self, *, in_rebalance: bool = False) -> bool:
+        """Make the open transaction's batches durable; True if committed (or nothing open).
+
+        On failure the batches are rolled back and rewound (see the module docstring); inside
+        a rebalance callback (``in_rebalance``) no backoff is taken and only partitions still
+        assigned are rewound (the others restart from their committed offsets elsewhere).
+        """
+        if not self.is_open:
+            return True
+        assert self.sink is not None and self.source is not None
+        started = time.perf_counter()
+        sink = self.sink
+        if self.settings.state.changelog and self._touched:
+            sink.send_state(self.keeper.records(list(self._touched)))
+        if self.exactly_once:
+            try:
+                sink.commit(
+                    {self.settings.kafka.input_topic: self._offsets}, self.source.group_metadata()
+                )
+            except TransactionFailed as exc:
+                self._roll_back(exc, in_rebalance)
+                return False
+            self.engine.store.settle()
+            metrics.TRANSACTIONS.labels("committed").inc()
+        else:
+            sink.flush()
+            if not self.source.commit(self._offsets):
+                metrics.COMMIT_FAILURES.inc()
+        self.keeper.batch_committed()
+        self.failures = 0
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        self._report(time.time())
+        self._reset()
+        return True
+
+    def _roll_back(self, exc: TransactionFailed, in_rebalance: bool) -> None:
+        """The transaction aborted: undo its state changes and read its batches again."""
+        assert self.source is not None
+        streams = self.engine.store.rollback()
+        self.keeper.batch_aborted()
+        starts = self._starts
+        if in_rebalance:
+            owned = set(self.source.assignment())
+            starts = {p: o for p, o in starts.items() if p in owned}
+        self.source.rewind_to(starts)
+        metrics.TRANSACTIONS.labels("aborted").inc()
+        log.warning(
+            "event=transaction_aborted error=%s action=roll_back streams=%d batches=%d",
+            exc, streams, self._pending.batches,
+        )  # fmt: skip
+        self._reset()
+        if not in_rebalance:
+            self._backoff()
+        else:
+            self.failures += 1
+
+    def _backoff(self) -> None:
+        """Wait before retrying: 0.1 s, doubling per consecutive failure, at most 15 s."""
+        self.failures += 1
+        self.stop.wait(min(0.1 * 2 ** (self.failures - 1), MAX_BACKOFF_S))
+
+    def _report(self, committed_at: float) -> None:
+        """Metrics and totals of the committed batches (aborted ones are not counted)."""
+        pending, kafka = self._pending, self.settings.kafka
+        topic = kafka.input_topic
+        metrics.TICKS.labels(topic).inc(pending.records)
+        metrics.FORECASTS.labels(kafka.output_topic).inc(pending.forecasts)
+        if pending.timestamps:
+            stamps = np.concatenate(pending.timestamps)
+            stamps = stamps[stamps >= 0]
+            metrics.END_TO_END.observe_many(np.maximum(committed_at - stamps / 1000.0, 0.0))
+        for (partition, outcome), n in pending.outcomes.items():
+            metrics.RECORDS.labels(topic, str(partition), outcome).inc(n)
+        for reason, n in pending.reasons.items():
+            metrics.DEAD_LETTERS.labels(reason).inc(n)
+        if pending.resets:
+            metrics.STATE_RESETS.inc(pending.resets)
+        for error, base in pending.errors:
+            self.quality.observe(error, base)
+        metrics.ACTIVE_STREAMS.set(len(self.engine.store))
+        totals = self.totals
+        totals.consumed += pending.records
+        totals.forecasts += pending.forecasts
+        totals.dead_letters += sum(pending.reasons.values())
+        totals.batches += pending.batches
+        totals.commits += 1
+        if pending.last:
+            totals.last = pending.last
+
+
+def _late_rejection(batch: ForecastBatch, i: int) -> Rejection:
+    """Input row ``i`` (a late tick) as a dead letter with its original bytes."""
+    ticks = batch.input
+    detail = f"ts {float(ticks.ts[i])} is older than the newest tick of stream {ticks.stream[i]!r}"
+    return ticks.rejection(i, Reason.LATE, detail)

@@ -71,7 +71,13 @@ class Sink:
     def _new_producer(self) -> KafkaProducer:
         kafka = self.kafka
         mode: dict[str, object] = (
-            {"transactional_id": self.transactional_id, "enable_idempotence": True}
+            {
+                "transactional_id": self.transactional_id,
+                "enable_idempotence": True,
+                # The broker aborts a transaction left open this long (a crashed instance), so
+                # partitions it wrote to do not stay blocked for read_committed readers.
+                "transaction_timeout_ms": kafka.transaction_timeout_ms,
+            }
             if self.transactional_id
             # Idempotence breaks for good on a broker restart with Tansu; ordering is kept by
             # allowing one in-flight request per connection instead.

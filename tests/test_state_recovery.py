@@ -135,9 +135,12 @@ def test_three_instances_join_then_one_dies(
         members[1].stop(signal.SIGKILL)
         return [members[0], members[2]]
 
-    # Transactions of 1.5 s: rebalances find one open, which the member must commit in its
-    # revoke callback (a former owner must not commit offsets of a partition it lost).
-    _run(bootstrap, start_daemon, chaos, env={"PIPELINE_KAFKA__COMMIT_INTERVAL_MS": "1500"})
+    # Default cadence. A longer one (1.5 s) fails here on Tansu, not in the daemon: the killed
+    # member's open transaction then almost surely holds output records, and Tansu never
+    # expires it (broker.md: transaction_timeout_ms not enforced), so read_committed readers
+    # stop there for good. Commit-on-revoke with long transactions is tested in process
+    # (tests/test_transactions.py).
+    _run(bootstrap, start_daemon, chaos)
     # Every member did work, and the partitions moved with their state.
     for member in members:
         assigned = [ln for ln in member.log().splitlines() if "event=partitions_assigned" in ln]

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.messages import Tick
 from pipeline.model import LoadedModel
-from pipeline.normalize import ABS_FLOOR, F64, I64, REL_FLOOR, horizon_scale
+from pipeline.normalize import ABS_FLOOR, F64, I64, REL_FLOOR, NormalizedRun, horizon_scale
 from pipeline.state import StateStore
 from pipeline.ticks import TickBatch
 
@@ -50,7 +50,7 @@ class ForecastBatch:
     error: F64 = field(default_factory=lambda: np.zeros(0))
     persistence_error: F64 = field(default_factory=lambda: np.zeros(0))
     touched: Sequence[str] = ()  # distinct streams with at least one tick processed (state changed)
-    waves: int = 0  # batched model steps taken
+    waves: int = 0  # batched model steps taken, plus sequences run (hot streams)
     model_seconds: float = 0.0  # wall time inside the model steps
     resets: int = 0  # streams whose state turned non-finite and was reset
 
@@ -69,6 +69,32 @@ class ForecastBatch:
     @property
     def missing(self) -> list[Tick]:
         return self.input.ticks(self.missing_rows)
+
+
+# A stream with more ticks than this in one batch runs as a sequence.
+HOT_MIN_TICKS = 16
+# At most this many sequences per batch: each costs ~0.3 ms of fixed overhead.
+HOT_MAX_STREAMS = 32
+
+
+@dataclass
+class _Outputs:
+    """Per-row results of one :meth:`Engine.process` call, filled by waves and sequences."""
+
+    seq: I64
+    forecast: F64
+    warm: npt.NDArray[np.bool_]
+    late: npt.NDArray[np.bool_]
+    missing: npt.NDArray[np.bool_]
+    scored: list[tuple[F64, F64]] = field(default_factory=list)
+    model_seconds: float = 0.0
+    resets: int = 0
+    sequences: int = 0
+
+    @classmethod
+    def empty(cls, n: int, horizon: int) -> _Outputs:
+        z = np.zeros(n, dtype=bool)
+        return cls(np.zeros(n, dtype=np.int64), np.zeros((n, horizon)), z, z.copy(), z.copy())
 
 
 class Engine:
@@ -133,73 +159,193 @@ class Engine:
         if n == 0:
             empty = np.zeros(0, dtype=np.int64)
             return ForecastBatch(batch, empty, empty, np.zeros((0, self.horizon)), empty > 0)
-        seq = np.zeros(n, dtype=np.int64)
-        forecast = np.zeros((n, self.horizon))
-        warm = np.zeros(n, dtype=bool)
-        late = np.zeros(n, dtype=bool)
-        missing = np.zeros(n, dtype=bool)
+        out = _Outputs.empty(n, self.horizon)
         rank, streams, stream_index = _rank_by_stream(batch.stream)
         slot_of = self.store.slot_of
         known = np.fromiter((s in slot_of for s in streams), dtype=bool, count=len(streams))
         slot_of_tick = self.store.slots_for(streams)[stream_index]  # (N,)
         values = batch.values
-        any_missing = bool(np.isnan(values).any())
-        log_target = self.meta.target_transform == "log"
-        if log_target:  # the decoder rejected values <= 0; state and scores live in log units
-            values = values.copy()
+        if self.meta.target_transform == "log":  # the decoder rejected values <= 0; state and
+            values = values.copy()  # scores live in log units
             values[:, self.target] = np.log(values[:, self.target])
-        ts, partition, offset = batch.ts, batch.partition, batch.offset
-        order = np.argsort(rank, kind="stable")  # wave by wave, input order inside a wave
-        bounds = np.searchsorted(rank[order], np.arange(int(rank.max()) + 2))
-        model_seconds, resets = 0.0, 0
-        scored: list[tuple[F64, F64]] = []
+        in_waves = self._run_hot_streams(batch, values, stream_index, slot_of_tick, out)
+        rows_left = np.flatnonzero(in_waves) if in_waves is not None else np.arange(n)
+        waves = self._run_waves(batch, values, rank, rows_left, slot_of_tick, out)
+        if self.meta.target_transform == "log":
+            np.exp(out.forecast, out=out.forecast)
+        keep = ~(out.late | out.missing)
+        touched = self._settle_streams(streams, known, stream_index[keep])
+        stats = {
+            "error": np.concatenate([e for e, _ in out.scored]) if out.scored else np.zeros(0),
+            "persistence_error": (
+                np.concatenate([b for _, b in out.scored]) if out.scored else np.zeros(0)
+            ),
+            "touched": touched,
+            "waves": waves + out.sequences,
+            "model_seconds": out.model_seconds,
+            "resets": out.resets,
+        }
+        if keep.all():
+            return ForecastBatch(batch, np.arange(n), out.seq, out.forecast, out.warm, **stats)  # type: ignore[arg-type]
+        return ForecastBatch(
+            batch,
+            np.flatnonzero(keep),
+            out.seq[keep],
+            out.forecast[keep],
+            out.warm[keep],
+            np.flatnonzero(out.late),
+            np.flatnonzero(out.missing),
+            **stats,  # type: ignore[arg-type]
+        )
+
+    def _run_waves(
+        self,
+        batch: TickBatch,
+        values: F64,
+        rank: I64,
+        rows_left: I64,
+        slot_of_tick: I64,
+        out: _Outputs,
+    ) -> int:
+        """The k-th tick of every stream in ``rows_left`` forms wave k: one normalizer update
+        and one batched model step per wave. Returns the number of waves."""
+        if len(rows_left) == 0:
+            return 0
+        any_missing = bool(np.isnan(values[rows_left]).any())
+        order = rows_left[np.argsort(rank[rows_left], kind="stable")]  # wave by wave
+        bounds = np.searchsorted(rank[order], np.arange(int(rank[order[-1]]) + 2))
+        ts = batch.ts
         for k in range(len(bounds) - 1):
             rows = order[bounds[k] : bounds[k + 1]]
+            if len(rows) == 0:
+                continue
             if self.late_policy != "accept":
                 is_late = self._late(slot_of_tick[rows], ts[rows])
-                late[rows[is_late]] = True
+                out.late[rows[is_late]] = True
                 rows = rows[~is_late]
                 if len(rows) == 0:
                     continue
             vals = values[rows]
             if any_missing:
                 rows, vals, skipped = self._fill_missing(rows, vals, slot_of_tick[rows])
-                missing[skipped] = True
+                out.missing[skipped] = True
                 if len(rows) == 0:
                     continue
-            t0 = time.perf_counter()
-            slots = slot_of_tick[rows]
-            scored.append(self._score(slots, vals))
-            out, bad = self._wave(slots, vals, ts[rows])
-            model_seconds += time.perf_counter() - t0
-            resets += bad
-            forecast[rows], warm[rows] = out
-            seq[rows] = self.store.seq[slots]
-            self.store.mark(slots, partition[rows], offset[rows])
-        if log_target:
-            np.exp(forecast, out=forecast)
-        keep = ~(late | missing)
-        touched = self._settle_streams(streams, known, stream_index[keep])
-        stats = {
-            "error": np.concatenate([e for e, _ in scored]) if scored else np.zeros(0),
-            "persistence_error": np.concatenate([b for _, b in scored]) if scored else np.zeros(0),
-            "touched": touched,
-            "waves": len(bounds) - 1,
-            "model_seconds": model_seconds,
-            "resets": resets,
-        }
-        if keep.all():
-            return ForecastBatch(batch, np.arange(n), seq, forecast, warm, **stats)  # type: ignore[arg-type]
-        return ForecastBatch(
-            batch,
-            np.flatnonzero(keep),
-            seq[keep],
-            forecast[keep],
-            warm[keep],
-            np.flatnonzero(late),
-            np.flatnonzero(missing),
-            **stats,  # type: ignore[arg-type]
-        )
+            self._step_rows(batch, rows, slot_of_tick[rows], vals, out)
+        return len(bounds) - 1
+
+    def _step_rows(self, batch: TickBatch, rows: I64, slots: I64, vals: F64, out: _Outputs) -> None:
+        """One wave: distinct ``slots`` each advance by the tick at ``rows``."""
+        t0 = time.perf_counter()
+        out.scored.append(self._score(slots, vals))
+        (forecast, warm), bad = self._wave(slots, vals, batch.ts[rows])
+        out.model_seconds += time.perf_counter() - t0
+        out.resets += bad
+        out.forecast[rows], out.warm[rows] = forecast, warm
+        out.seq[rows] = self.store.seq[slots]
+        self.store.mark(slots, batch.partition[rows], batch.offset[rows])
+
+    def _run_hot_streams(
+        self,
+        batch: TickBatch,
+        values: F64,
+        stream_index: I64,
+        slot_of_tick: I64,
+        out: _Outputs,
+    ) -> npt.NDArray[np.bool_] | None:
+        """Run streams holding many of the batch's ticks as sequences (one ``lfilter`` pass
+        of the normalizer and one ``nn.GRU`` call over the run) instead of one wave per tick.
+        Returns the mask of rows still to go through waves, or None if no stream was hot.
+
+        A stream qualifies with more than ``HOT_MIN_TICKS`` ticks (the ``HOT_MAX_STREAMS``
+        longest) and no missing value in its ticks (the carry-forward rules stay in the wave
+        path). Its results equal those of the waves up
+        to float rounding (``tests/test_engine.py``).
+        """
+        counts = np.bincount(stream_index)
+        hot = np.flatnonzero(counts > HOT_MIN_TICKS)
+        if len(hot) == 0:
+            return None
+        hot = hot[np.argsort(-counts[hot], kind="stable")][:HOT_MAX_STREAMS]
+        in_waves = np.ones(len(stream_index), dtype=bool)
+        by_stream = np.argsort(stream_index, kind="stable")
+        starts = np.searchsorted(stream_index[by_stream], hot)
+        for j, start in zip(hot.tolist(), starts.tolist(), strict=True):
+            rows = by_stream[start : start + counts[j]]  # input order
+            if np.isnan(values[rows]).any():
+                continue
+            if self._sequence(batch, values, rows, int(slot_of_tick[rows[0]]), out):
+                in_waves[rows] = False
+                out.sequences += 1
+        return in_waves
+
+    def _sequence(self, batch: TickBatch, values: F64, rows: I64, slot: int, out: _Outputs) -> bool:
+        """All ticks of one stream (``rows``, input order, no missing value) as one sequence.
+        Returns False, having changed nothing, if the outputs would not be finite (the wave
+        path then resets the stream at the tick that overflows, as for any stream)."""
+        store = self.store
+        norm = store.normalizer
+        ts = batch.ts[rows]
+        late = np.zeros(len(rows), dtype=bool)
+        if self.late_policy != "accept":
+            before = norm.last_ts[slot] if norm.count[slot] > 0 else -np.inf
+            newest = np.maximum.accumulate(np.concatenate([[before], ts]))[:-1]
+            late = ts < newest  # older than the newest tick before it (the first never is)
+        accepted = rows[~late]
+        lead = max(0, min(2 - int(norm.count[slot]), len(accepted)))
+        for r in accepted[:lead].tolist():  # a stream's first two ticks are special cases
+            self._step_rows(batch, np.array([r]), np.array([slot]), values[[r]], out)
+        run_rows = accepted[lead:]
+        if len(run_rows) == 0:
+            out.late[rows[late]] = True
+            return True
+        t0 = time.perf_counter()
+        x = values[run_rows]
+        run = norm.run(slot, x, batch.ts[run_rows], self.target)
+        state = [h[slot : slot + 1] for h in store.hidden]
+        with torch.no_grad():
+            y, new_state = self.model(torch.from_numpy(run.step.inputs)[None], state)
+        scale = run.step.scale[:, None] * self._hscale
+        forecast = run.step.last[:, None] + scale * y[0].double().numpy()  # (L, H)
+        if not np.isfinite(forecast).all():
+            # Back to the waves for the rest: undo nothing (nothing was written for run_rows).
+            out.model_seconds += time.perf_counter() - t0
+            for r in run_rows.tolist():
+                self._step_rows(batch, np.array([r]), np.array([slot]), values[[r]], out)
+            out.late[rows[late]] = True
+            return True
+        out.scored.append(self._score_run(slot, x, run, forecast))
+        norm.apply_run(slot, run)
+        for h, s in zip(store.hidden, new_state, strict=True):
+            h[slot] = s[0]
+        seq0 = int(store.seq[slot])
+        store.seq[slot] = seq0 + len(run_rows)
+        store.prev_forecast[slot] = forecast[-1, 0]
+        last = run_rows[-1:]
+        store.mark(np.array([slot]), batch.partition[last], batch.offset[last])
+        out.forecast[run_rows] = forecast
+        out.warm[run_rows] = run.step.warm
+        out.seq[run_rows] = seq0 + 1 + np.arange(len(run_rows))
+        out.late[rows[late]] = True
+        out.model_seconds += time.perf_counter() - t0
+        return True
+
+    def _score_run(self, slot: int, x: F64, run: NormalizedRun, forecast: F64) -> tuple[F64, F64]:
+        """:meth:`_score` for every tick of a run: the previous one-step forecast (the stored
+        one for the first tick) against the tick, in the scale before the tick."""
+        norm, target = self.store.normalizer, self.target
+        prev = np.concatenate([[self.store.prev_forecast[slot]], forecast[:-1, 0]])
+        count_before = run.step.count - 1
+        ok = ~np.isnan(prev) & (count_before >= norm.config.warmup)
+        if not ok.any():
+            return np.zeros(0), np.zeros(0)
+        dsq_before = np.concatenate([[norm.dsq[slot, target]], run.dsq[:-1, target]])
+        mean_before = run.prev_mean[:, target]
+        scale = np.sqrt(dsq_before) + ABS_FLOOR + REL_FLOOR * np.abs(mean_before)
+        actual = x[:, target]
+        error = np.abs(actual - prev) / scale
+        base = np.abs(actual - run.prev_last[:, target]) / scale
+        return error[ok], base[ok]
 
     def _settle_streams(
         self, streams: list[str], known: npt.NDArray[np.bool_], processed: I64

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy.signal import lfilter  # type: ignore[import-untyped]
 
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
@@ -60,6 +61,23 @@ class NormalizedStep:
     scale: F64  # (N,) typical one-step move of the target feature, stream units
     count: I64  # (N,) ticks seen by the stream, including this one
     warm: npt.NDArray[np.bool_]  # (N,) count >= warmup
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizedRun:
+    """What :meth:`Normalizer.run` returns for L ticks of one stream: the model inputs and the
+    statistics after each tick, plus what the engine needs to score the previous forecasts
+    (the mean and value before each tick)."""
+
+    step: NormalizedStep  # L rows, as L step() calls would return them
+    mean: F64  # (L, F)
+    var: F64  # (L, F)
+    dsq: F64  # (L, F)
+    dt_mean: F64  # (L,)
+    last_ts: F64  # (L,) newest event time after each tick
+    prev_mean: F64  # (L, F) mean before each tick
+    prev_last: F64  # (L, F) value before each tick
+    last_x: F64  # (F,) the last tick's values
 
 
 # Relative and absolute floors keep a constant stream from dividing by zero without
@@ -146,14 +164,23 @@ class Normalizer:
         self.dsq[slots], self.dt_mean[slots], self.count[slots] = dsq, dt_mean, n
         self.last_ts[slots] = np.where(n == 1, ts, np.maximum(ts, self.last_ts[slots]))
 
-        floor = ABS_FLOOR + REL_FLOOR * np.abs(new_mean)
-        std = np.sqrt(new_var / _debias(cfg.level_alpha, n)[:, None]) + floor
+        ratio = np.where(n <= 2, 1.0, (dt + 1e-9) / (dt_mean + 1e-9))
+        return self._inputs(x, new_mean, new_var, n, change, dsq, ratio, ts, target)
+
+    def _inputs(
+        self, x: F64, mean: F64, var: F64, n: I64, change: F64, dsq: F64, ratio: F64, ts: F64,
+        target: int,
+    ) -> NormalizedStep:  # fmt: skip
+        """Model inputs of N ticks from their updated statistics (shared by :meth:`step` and
+        :meth:`run`, so both compute the same inputs from the same numbers)."""
+        cfg = self.config
+        floor = ABS_FLOOR + REL_FLOOR * np.abs(mean)
+        std = np.sqrt(var / _debias(cfg.level_alpha, n)[:, None]) + floor
         scale = np.sqrt(dsq) + floor
         clip = cfg.clip
-        inputs = np.empty((len(slots), self.n_inputs), dtype=np.float32)
-        inputs[:, 0 : 2 * self.n_features : 2] = np.clip((x - new_mean) / std, -clip, clip)
+        inputs = np.empty((len(n), self.n_inputs), dtype=np.float32)
+        inputs[:, 0 : 2 * self.n_features : 2] = np.clip((x - mean) / std, -clip, clip)
         inputs[:, 1 : 2 * self.n_features : 2] = np.clip(change / scale, -clip, clip)
-        ratio = np.where(n <= 2, 1.0, (dt + 1e-9) / (self.dt_mean[slots] + 1e-9))
         dt_col = 2 * self.n_features
         inputs[:, dt_col] = np.clip(np.log(ratio), -clip, clip)
         if cfg.calendar:
@@ -168,6 +195,47 @@ class Normalizer:
             count=n,
             warm=n >= cfg.warmup,
         )
+
+    def run(self, slot: int, x: F64, ts: F64, target: int = 0) -> NormalizedRun:
+        """What ``len(x)`` successive :meth:`step` calls of one stream would return, computed
+        as linear recurrences over the sequence (scipy's ``lfilter``, a C loop) instead of one
+        numpy round per tick. The state is *not* written: :meth:`apply_run` does that, so a
+        caller can drop a run whose model outputs turn out non-finite.
+
+        ``x`` (L, F) stream units, ``ts`` (L,) epoch s, in arrival order. The stream must have
+        two ticks already (``count[slot] >= 2``): the first two ticks are special cases that
+        :meth:`step` handles.
+        """
+        cfg = self.config
+        count0 = int(self.count[slot])
+        if count0 < 2:
+            raise ValueError("run() needs a stream with two ticks already; use step()")
+        length = len(ts)
+        mean = _ew(cfg.level_alpha, self.mean[slot], x)  # (L, F)
+        prev_mean = np.vstack([self.mean[slot][None], mean[:-1]])
+        diff = x - prev_mean
+        a = 1.0 - cfg.level_alpha
+        var, _ = lfilter([1.0], [1.0, -a], a * cfg.level_alpha * diff * diff, axis=0,
+                         zi=(a * self.var[slot])[None])  # fmt: skip
+        prev_x = np.vstack([self.last[slot][None], x[:-1]])
+        change = x - prev_x
+        dsq = _ew(cfg.scale_alpha, self.dsq[slot], change * change)
+        newest = np.maximum.accumulate(np.concatenate([[self.last_ts[slot]], ts]))  # (L + 1,)
+        dt = np.maximum(ts - newest[:-1], 0.0)
+        dt_mean = _ew(cfg.dt_alpha, np.array([self.dt_mean[slot]]), dt[:, None])[:, 0]
+        n = count0 + 1 + np.arange(length, dtype=np.int64)
+        ratio = (dt + 1e-9) / (dt_mean + 1e-9)
+        step = self._inputs(x, mean, var, n, change, dsq, ratio, ts, target)
+        return NormalizedRun(
+            step, mean, var, dsq, dt_mean, newest[1:], prev_mean, prev_x, x[-1].copy()
+        )
+
+    def apply_run(self, slot: int, run: NormalizedRun) -> None:
+        """Write the state after the last tick of ``run`` (see :meth:`run`)."""
+        self.mean[slot], self.var[slot] = run.mean[-1], run.var[-1]
+        self.last[slot], self.dsq[slot] = run.last_x, run.dsq[-1]
+        self.dt_mean[slot], self.last_ts[slot] = run.dt_mean[-1], run.last_ts[-1]
+        self.count[slot] = run.step.count[-1]
 
     def snapshot(self, slot: int) -> list[float]:
         """One stream's statistics as a flat list of floats (see :meth:`restore`)."""
@@ -215,6 +283,15 @@ def horizon_scale(horizon: int) -> F64:
     """(H,) sqrt(h) for h = 1..H: a forecast h steps ahead is expressed in units of
     ``scale * sqrt(h)`` so every horizon step has targets of similar size (random-walk growth)."""
     return np.sqrt(np.arange(1, horizon + 1, dtype=np.float64))
+
+
+def _ew(alpha: float, start: F64, u: F64) -> F64:
+    """River's EWMean over a sequence: y_t = y_{t-1} + alpha * (u_t - y_{t-1}) from y = start;
+    ``u`` (L, K), ``start`` (K,) -> (L, K)."""
+    a = 1.0 - alpha
+    out, _ = lfilter([alpha], [1.0, -a], u, axis=0, zi=(a * start)[None])
+    result: F64 = out
+    return result
 
 
 def _debias(alpha: float, n: I64) -> F64:

@@ -12,9 +12,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from pipeline.embedded import EmbeddedBroker
 from tests.kafka_helpers import DaemonProcess
+
+
+# Generated tests are derandomized (the same examples every run: CI is reproducible) unless
+# HYPOTHESIS_PROFILE=explore asks for fresh random examples (and a local example database).
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,144 @@
+"""Hot streams run as sequences give what the waves give (one stream holding most of a batch)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import engine as engine_module
+from pipeline.engine import Engine, ForecastBatch
+from pipeline.messages import Source, Tick
+from pipeline.model import load_model
+from tests.model_helpers import random_model
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("hot")
+    return {
+        "uni": random_model(base / "uni.pt", seed=1),
+        "cov": random_model(base / "cov.pt", ("value", "load"), seed=2),
+    }
+
+
+def _engines(path: Path, policy: str) -> tuple[Engine, Engine]:
+    loaded = load_model(path)
+    return Engine(loaded, late_policy=policy), Engine(load_model(path), late_policy=policy)  # type: ignore[arg-type]
+
+
+def _waves_only(engine: Engine, ticks: list[Tick], monkeypatch: pytest.MonkeyPatch) -> ForecastBatch:
+    with monkeypatch.context() as m:
+        m.setattr(engine_module, "HOT_MIN_TICKS", 10**9)
+        return engine.process(ticks)
+
+
+def _same(a: ForecastBatch, b: ForecastBatch) -> None:
+    assert a.rows.tolist() == b.rows.tolist()
+    assert a.late_rows.tolist() == b.late_rows.tolist()
+    assert a.missing_rows.tolist() == b.missing_rows.tolist()
+    assert a.seq.tolist() == b.seq.tolist() and a.warm.tolist() == b.warm.tolist()
+    np.testing.assert_allclose(a.forecast, b.forecast, rtol=1e-5, atol=1e-9)
+    # Scale-free errors (O(1)); float32 GRU outputs of the two paths differ by ~1e-7.
+    np.testing.assert_allclose(np.sort(a.error), np.sort(b.error), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.sort(a.persistence_error), np.sort(b.persistence_error), rtol=1e-9, atol=1e-12
+    )
+    assert sorted(a.touched) == sorted(b.touched)
+
+
+def _stores_agree(a: Engine, b: Engine) -> None:
+    sa, sb = a.store, b.store
+    assert sa.slot_of.keys() == sb.slot_of.keys()
+    for stream in sa.slot_of:
+        i, j = sa.slot_of[stream], sb.slot_of[stream]
+        assert (sa.seq[i], sa.offset[i], sa.partition[i]) == (sb.seq[j], sb.offset[j], sb.partition[j])
+        for name in ("mean", "var", "last", "dsq", "dt_mean", "last_ts", "count"):
+            np.testing.assert_allclose(
+                getattr(sa.normalizer, name)[i], getattr(sb.normalizer, name)[j], rtol=1e-9
+            )
+        for ha, hb in zip(sa.hidden, sb.hidden, strict=True):
+            np.testing.assert_allclose(ha[i].numpy(), hb[j].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@st.composite
+def hot_batches(draw: st.DrawFn, n_features: int) -> list[list[Tick]]:
+    """1-3 batches; in each, one or two hot streams with 17-120 ticks among a few cold ones,
+    event times that mostly rise but sometimes stand still or step back (late ticks), values
+    on scales from 1e-3 to 1e6, streams interleaved at random (each keeps its own order)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    batches = []
+    offset = 0
+    clock: dict[str, float] = {}
+    scale = {s: 10.0 ** rng.integers(-3, 7) for s in ("h0", "h1", *[f"c{k}" for k in range(5)])}
+    for _ in range(draw(st.integers(1, 3))):
+        hot = ["h0", "h1"][: draw(st.integers(1, 2))]
+        spec = [(s, draw(st.integers(17, 120))) for s in hot]
+        spec += [(f"c{k}", draw(st.integers(1, 3))) for k in range(draw(st.integers(0, 5)))]
+        per_stream: dict[str, list[Tick]] = {}
+        for stream, count in spec:
+            steps = rng.choice([1.0, 1.0, 1.0, 2.5, 0.0, -3.0], size=count)
+            times = clock.get(stream, 0.0) + np.cumsum(steps)
+            clock[stream] = float(times[-1])
+            level = scale[stream] * (1 + 0.1 * np.sin(times) + rng.uniform(-0.05, 0.05, count))
+            cov = rng.uniform(-5, 5, count)
+            per_stream[stream] = [
+                Tick(stream, T0 + float(times[i]),
+                     (float(level[i]),) if n_features == 1 else (float(level[i]), float(cov[i])),
+                     Source("in", 0, 0))
+                for i in range(count)
+            ]  # fmt: skip
+        labels = [s for s, n in spec for _ in range(n)]
+        rng.shuffle(labels)
+        merged = []
+        for stream in labels:
+            t = per_stream[stream].pop(0)
+            merged.append(Tick(t.stream, t.ts, t.values, Source("in", 0, offset)))
+            offset += 1
+        batches.append(merged)
+    return batches
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+@pytest.mark.parametrize("policy", ["dead_letter", "accept"])
+@pytest.mark.parametrize("kind", ["uni", "cov"])
+def test_hot_streams_as_sequences_equal_waves(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, kind: str, policy: str,
+    data: st.DataObject,
+) -> None:  # fmt: skip
+    batches = data.draw(hot_batches(2 if kind == "cov" else 1))
+    hot_engine, wave_engine = _engines(models[kind], policy)
+    for ticks in batches:
+        got = hot_engine.process(ticks)
+        want = _waves_only(wave_engine, ticks, monkeypatch)
+        assert got.waves < want.waves  # the hot streams did run as sequences
+        _same(got, want)
+    _stores_agree(hot_engine, wave_engine)
+
+
+def test_a_hot_stream_with_a_missing_value_stays_in_the_waves(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = [Tick("h", T0 + t, (1.0 + t % 7,), Source("in", 0, t)) for t in range(60)]
+    ticks[30] = Tick("h", T0 + 30, (math.nan,), Source("in", 0, 30))
+    hot_engine, wave_engine = _engines(models["uni"], "dead_letter")
+    got = hot_engine.process(ticks)
+    want = _waves_only(wave_engine, ticks, monkeypatch)
+    assert got.waves == want.waves == 60
+    _same(got, want)
+
+
+def test_a_new_hot_stream_takes_its_first_ticks_as_waves(models: dict[str, Path]) -> None:
+    engine = Engine(load_model(models["uni"]))
+    ticks = [Tick("h", T0 + t, (5.0 + math.sin(t),), Source("in", 0, t)) for t in range(200)]
+    out = engine.process(ticks)
+    assert out.waves == 1 and out.seq.tolist() == list(range(1, 201))
+    assert engine.store.offset[engine.store.slot_of["h"]] == 199

@@ -663,7 +663,7 @@ def run(cfg: E2EConfig) -> dict[str, Any]:
             sd["throughput_per_s_median"] / sp["throughput_per_s_median"], 0.9, True
         ),
         "paced_throughput_ratio": _target(d["throughput_per_s"] / p["throughput_per_s"], 0.9, True),
-        "paced_p99_ratio": _target(d["latency"]["p99_s"] / p["latency"]["p99_s"], 1.1, False),
+        "paced_p99_ratio": _target(d["latency"]["p99_s"] / p["latency"]["p99_s"], 1.5, False),
     }
     return result
 
@@ -796,7 +796,7 @@ def render(r: dict[str, Any]) -> str:
         f"{verdict(t['saturation_throughput_ratio']['met'])}; at "
         f"{c['rate']:,.0f}/s >= 0.9: {fmt_ratio(t['paced_throughput_ratio']['value'])} "
         f"{verdict(t['paced_throughput_ratio']['met'])}; daemon/passthrough p99 at "
-        f"{c['rate']:,.0f}/s <= 1.1: {fmt_ratio(t['paced_p99_ratio']['value'])} "
+        f"{c['rate']:,.0f}/s <= 1.5 (issue 12): {fmt_ratio(t['paced_p99_ratio']['value'])} "
         f"{verdict(t['paced_p99_ratio']['met'])}"
     )
     failures = _failures(r)

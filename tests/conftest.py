@@ -17,7 +17,6 @@ from hypothesis import settings
 from pipeline.embedded import EmbeddedBroker
 from tests.kafka_helpers import DaemonProcess
 
-
 # Generated tests are derandomized (the same examples every run: CI is reproducible) unless
 # HYPOTHESIS_PROFILE=explore asks for fresh random examples (and a local example database).
 settings.register_profile("ci", derandomize=True, database=None, deadline=None)

@@ -33,7 +33,9 @@ def _engines(path: Path, policy: str) -> tuple[Engine, Engine]:
     return Engine(loaded, late_policy=policy), Engine(load_model(path), late_policy=policy)  # type: ignore[arg-type]
 
 
-def _waves_only(engine: Engine, ticks: list[Tick], monkeypatch: pytest.MonkeyPatch) -> ForecastBatch:
+def _waves_only(
+    engine: Engine, ticks: list[Tick], monkeypatch: pytest.MonkeyPatch
+) -> ForecastBatch:
     with monkeypatch.context() as m:
         m.setattr(engine_module, "HOT_MIN_TICKS", 10**9)
         return engine.process(ticks)
@@ -58,7 +60,11 @@ def _stores_agree(a: Engine, b: Engine) -> None:
     assert sa.slot_of.keys() == sb.slot_of.keys()
     for stream in sa.slot_of:
         i, j = sa.slot_of[stream], sb.slot_of[stream]
-        assert (sa.seq[i], sa.offset[i], sa.partition[i]) == (sb.seq[j], sb.offset[j], sb.partition[j])
+        assert (sa.seq[i], sa.offset[i], sa.partition[i]) == (
+            sb.seq[j],
+            sb.offset[j],
+            sb.partition[j],
+        )
         for name in ("mean", "var", "last", "dsq", "dt_mean", "last_ts", "count"):
             np.testing.assert_allclose(
                 getattr(sa.normalizer, name)[i], getattr(sb.normalizer, name)[j], rtol=1e-9

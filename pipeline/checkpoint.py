@@ -56,19 +56,20 @@ class StateKeeper:
         self._owed: dict[str, int] = {}  # evictions rolled back, to redo: stream -> partition
 
     def records(self, streams: Sequence[str]) -> list[StateRecord]:
-        """Snapshots of ``streams`` (those a micro-batch touched) as changelog records."""
+        """Snapshots of ``streams`` (those a transaction touched) as changelog records, built
+        in one pass over the store's arrays; streams no longer held (evicted) are skipped."""
         store = self.store
-        out: list[StateRecord] = []
-        for stream in streams:
-            slot = store.slot_of.get(stream)
-            if slot is None:
-                continue
-            partition = int(store.partition[slot])
-            if partition < 0:  # cannot happen: a touched stream has a source; never crash on it
-                log.error("event=state_without_partition stream=%r action=skip_snapshot", stream)
-                continue
-            out.append((partition, stream.encode(), store.snapshot(stream), []))
-        return out
+        held = [s for s in streams if s in store.slot_of]
+        slots = np.fromiter((store.slot_of[s] for s in held), dtype=np.int64, count=len(held))
+        partitions = store.partition[slots].tolist()
+        if any(p < 0 for p in partitions):  # cannot happen: a touched stream has a source
+            bad = [s for s, p in zip(held, partitions, strict=True) if p < 0]
+            log.error("event=state_without_partition streams=%d first=%r action=skip_snapshot",
+                      len(bad), bad[0])  # fmt: skip
+            keep = [i for i, p in enumerate(partitions) if p >= 0]
+            held, partitions = [held[i] for i in keep], [partitions[i] for i in keep]
+        values = store.snapshots(held)
+        return [(p, s.encode(), v, []) for p, s, v in zip(partitions, held, values, strict=True)]
 
     def evictions(self, last_offsets: dict[int, int]) -> list[StateRecord]:
         """Evict idle streams and streams over the cap among the streams of the partitions this

@@ -265,6 +265,11 @@ class EngineUnderFaults(RuleBasedStateMachine):
         self.engine, self.store = fresh, fresh.store
 
     @invariant()
+    def bulk_snapshots_equal_one_by_one(self) -> None:
+        streams = sorted(self.store.slot_of)
+        assert self.store.snapshots(streams) == [self.store.snapshot(s) for s in streams]
+
+    @invariant()
     def only_streams_with_forecasts_hold_state(self) -> None:
         assert sorted(self.store.slot_of) == sorted(self.accepted)
         for stream, slot in self.store.slot_of.items():
@@ -286,3 +291,18 @@ def test_engine_and_store_under_generated_batches_and_faults(model_path: Path) -
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     run().runTest()
+
+
+def test_bulk_snapshots_of_a_covariate_model_equal_one_by_one(tmp_path: Path) -> None:
+    path = random_model(tmp_path / "cov.pt", ("value", "load", "temp"), layers=(6, 3))
+    engine = Engine(load_model(path))
+    rng = np.random.default_rng(4)
+    ticks = [
+        Tick(f"s{k}", T0 + t, tuple(rng.normal(10, 2, 3).tolist()), Source("in", k % 3, 7 * t + k))
+        for t in range(6)
+        for k in range(9)
+    ]
+    engine.process(ticks)
+    streams = ["s4", "s0", "s8"]
+    assert engine.store.snapshots(streams) == [engine.store.snapshot(s) for s in streams]
+    assert engine.store.snapshots([]) == []

@@ -16,6 +16,7 @@ import time
 from types import FrameType
 
 from pipeline import metrics
+from pipeline.backoff import Backoff
 from pipeline.checkpoint import StateKeeper
 from pipeline.config import Settings
 from pipeline.engine import Engine
@@ -151,7 +152,8 @@ class Daemon:
 
         Returns False if a stop was requested before the broker could be reached.
         """
-        kafka, attempt = self.settings.kafka, 0
+        kafka = self.settings.kafka
+        backoff = Backoff(self.stop_event, first_s=1.0, max_s=MAX_BACKOFF_S)
         while not self.stop_event.is_set():
             try:
                 probe(kafka)
@@ -162,17 +164,16 @@ class Daemon:
                 self.source = self.unit.source = self._make_source()
                 return True
             except BrokerError as exc:
-                attempt += 1
-                delay = min(0.5 * 2**attempt, MAX_BACKOFF_S)
+                delay = backoff.fail()
                 metrics.BROKER_RETRIES.inc()
                 log.warning(
                     "event=broker_unreachable attempt=%d retry_in_s=%.1f bootstrap=%s error=%s",
-                    attempt, delay, kafka.bootstrap_servers, exc,
+                    backoff.failures, delay, kafka.bootstrap_servers, exc,
                 )  # fmt: skip
                 if self.sink is not None:
                     self.sink.close()
                     self.sink = self.unit.sink = None
-                self.stop_event.wait(delay)
+                backoff.wait(delay)
         return False
 
     def _make_source(self) -> Source:
@@ -204,17 +205,16 @@ class Daemon:
         metrics.REJOINS_FORCED.inc()
         self._on_revoked(self.source.assignment())
         self.source.close()
-        attempt = 0
+        backoff = Backoff(self.stop_event, first_s=1.0, max_s=MAX_BACKOFF_S)
         while not self.stop_event.is_set():
             try:
                 self.source = self.unit.source = self._make_source()
                 return
             except BrokerError as exc:
-                attempt += 1
-                delay = min(0.5 * 2**attempt, MAX_BACKOFF_S)
+                delay = backoff.fail()
                 log.warning("event=consumer_recreate_failed attempt=%d retry_in_s=%.1f error=%s",
-                            attempt, delay, exc)  # fmt: skip
-                self.stop_event.wait(delay)
+                            backoff.failures, delay, exc)  # fmt: skip
+                backoff.wait(delay)
 
     def _make_sink(self) -> Sink:
         kafka = self.settings.kafka

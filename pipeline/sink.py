@@ -25,6 +25,7 @@ from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from pipeline import metrics
+from pipeline.backoff import Backoff
 from pipeline.config import KafkaSettings
 from pipeline.engine import ForecastBatch
 from pipeline.errors import BrokerError, FencedError, TransactionFailed, TransactionsUnsupported
@@ -180,20 +181,19 @@ class Sink:
 
         Raises BrokerError only if the daemon is stopping before the batch got through.
         """
-        attempt = 0
+        backoff = Backoff(self.stop, first_s=1.0, max_s=MAX_BACKOFF_S)
         while True:
             failed = self._wait(timeout_s)
             if failed is None:
                 self._batch, self._batch_state = [], []
                 return
-            attempt += 1
+            delay = backoff.fail()
             metrics.SEND_RETRIES.inc()
-            delay = min(0.5 * 2**attempt, MAX_BACKOFF_S)
             log.warning(
                 "event=send_failed records=%d attempt=%d retry_in_s=%.1f error=%r",
-                len(self._batch), attempt, delay, failed,
+                len(self._batch), backoff.failures, delay, failed,
             )  # fmt: skip
-            if self.stop.wait(delay):
+            if backoff.wait(delay):
                 raise BrokerError(f"stopping with {len(self._batch)} unsent records ({failed})")
             self._rebuild()
 

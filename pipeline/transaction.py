@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import metrics
+from pipeline.backoff import Backoff
 from pipeline.checkpoint import StateKeeper
 from pipeline.config import Settings
 from pipeline.engine import Engine, ForecastBatch
@@ -101,7 +102,8 @@ class Transaction:
         kafka = settings.kafka
         self.interval_s = kafka.commit_interval_ms / 1000
         self.max_records = kafka.commit_records
-        self.failures = 0  # consecutive failed transactions (backoff)
+        # Consecutive failed transactions: 0.1 s, doubling, at most 15 s before the next one.
+        self.backoff = Backoff(stop, first_s=0.1, max_s=MAX_BACKOFF_S)
         self._reset()
 
     def _reset(self) -> None:
@@ -181,7 +183,7 @@ class Transaction:
             except (BrokerError, TransactionFailed) as exc:
                 log.warning("event=transaction_begin_failed error=%s action=rewind", exc)
                 self.source.rewind_to(polled.starts)
-                self._backoff()
+                self.backoff.wait(self.backoff.fail())
                 return False
             self.engine.store.track()
         self.is_open = True
@@ -253,7 +255,7 @@ class Transaction:
             if not self.source.commit(self._offsets):
                 metrics.COMMIT_FAILURES.inc()
         self.keeper.batch_committed()
-        self.failures = 0
+        self.backoff.reset()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         self._report(time.time())
         self._reset()
@@ -275,15 +277,9 @@ class Transaction:
             exc, streams, self._pending.batches,
         )  # fmt: skip
         self._reset()
-        if not in_rebalance:
-            self._backoff()
-        else:
-            self.failures += 1
-
-    def _backoff(self) -> None:
-        """Wait before retrying: 0.1 s, doubling per consecutive failure, at most 15 s."""
-        self.failures += 1
-        self.stop.wait(min(0.1 * 2 ** (self.failures - 1), MAX_BACKOFF_S))
+        delay = self.backoff.fail()
+        if not in_rebalance:  # no sleeping inside a rebalance callback
+            self.backoff.wait(delay)
 
     def _report(self, committed_at: float) -> None:
         """Metrics and totals of the committed batches (aborted ones are not counted)."""

@@ -240,7 +240,9 @@ def test_missing_values_in_live_ticks_match_the_training_rules(small_model: Path
     served, skipped = serve(ts, raw)
     expected, none = serve(completed.ts, completed.values)
     assert none == 0 and skipped == len(raw) - len(completed.ts)
-    np.testing.assert_allclose(served, expected, rtol=1e-9)
+    # The completed series (no NaN) runs as one sequence per batch (a hot stream: nn.GRU over
+    # the run), the raw one through waves (gru_cell per tick): float32 kernels, ~1e-7 apart.
+    np.testing.assert_allclose(served, expected, rtol=2e-6, atol=2e-5)
 
 
 @pytest.mark.parametrize(

@@ -71,10 +71,15 @@ class ForecastBatch:
         return self.input.ticks(self.missing_rows)
 
 
-# A stream with more ticks than this in one batch runs as a sequence.
+# A stream with more ticks than this in one batch may run as a sequence ...
 HOT_MIN_TICKS = 16
-# At most this many sequences per batch: each costs ~0.3 ms of fixed overhead.
+# ... at most this many per batch ...
 HOT_MAX_STREAMS = 32
+# ... when it pays: a sequential GRU step costs about a fifth of a wave's fixed cost, and a
+# sequence call about one wave (measured on the 2-core machine: 55 us per step of torch.gru
+# against ~300 us for a wave of a few rows). See _choose_hot.
+STEP_COST_IN_WAVES = 0.2
+SEQUENCE_COST_IN_WAVES = 1.0
 
 
 @dataclass
@@ -257,16 +262,14 @@ class Engine:
         of the normalizer and one ``nn.GRU`` call over the run) instead of one wave per tick.
         Returns the mask of rows still to go through waves, or None if no stream was hot.
 
-        A stream qualifies with more than ``HOT_MIN_TICKS`` ticks (the ``HOT_MAX_STREAMS``
-        longest) and no missing value in its ticks (the carry-forward rules stay in the wave
-        path). Its results equal those of the waves up
-        to float rounding (``tests/test_engine.py``).
+        Which streams: see :func:`_choose_hot`; a chosen stream with a missing value in its
+        ticks stays in the waves (the carry-forward rules live there). Results equal those of
+        the waves up to float rounding (``tests/test_engine_hot.py``).
         """
         counts = np.bincount(stream_index)
-        hot = np.flatnonzero(counts > HOT_MIN_TICKS)
+        hot = _choose_hot(counts)
         if len(hot) == 0:
             return None
-        hot = hot[np.argsort(-counts[hot], kind="stable")][:HOT_MAX_STREAMS]
         in_waves = np.ones(len(stream_index), dtype=bool)
         by_stream = np.argsort(stream_index, kind="stable")
         starts = np.searchsorted(stream_index[by_stream], hot)
@@ -417,6 +420,28 @@ class Engine:
             bad = int(rows.sum())
         store.prev_forecast[slots] = forecast[:, 0]
         return (forecast, norm.warm), bad
+
+
+def _choose_hot(counts: I64) -> I64:
+    """Streams (indices into ``counts``, ticks per stream in the batch) to run as sequences.
+
+    Taking the k longest streams out of the waves saves ``c[0] - c[k]`` waves (the waves left
+    are as many as the longest remaining stream's ticks) and costs k sequence calls plus their
+    ticks as sequential steps. The k with the largest net saving wins, if positive: one hot
+    symbol among quiet ones goes to a sequence; a batch where every stream has ~the same number
+    of ticks stays in waves (moving a stream there would save no wave).
+    """
+    top = np.argsort(-counts, kind="stable")[: HOT_MAX_STREAMS + 1]
+    c = counts[top].astype(np.float64)
+    k_max = int(np.sum(c[:HOT_MAX_STREAMS] > HOT_MIN_TICKS))
+    if k_max == 0:
+        return top[:0]
+    k = np.arange(1, k_max + 1)
+    remaining = np.append(c, 0.0)[k]  # waves left after moving the k longest out
+    cost = np.cumsum(SEQUENCE_COST_IN_WAVES + STEP_COST_IN_WAVES * c[:k_max])
+    net = (c[0] - remaining) - cost
+    best = int(np.argmax(net))
+    return top[: best + 1] if net[best] > 0 else top[:0]
 
 
 def _rank_by_stream(streams: Sequence[str]) -> tuple[I64, list[str], I64]:

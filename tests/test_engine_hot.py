@@ -148,3 +148,13 @@ def test_a_new_hot_stream_takes_its_first_ticks_as_waves(models: dict[str, Path]
     out = engine.process(ticks)
     assert out.waves == 1 and out.seq.tolist() == list(range(1, 201))
     assert engine.store.offset[engine.store.slot_of["h"]] == 199
+
+
+def test_only_streams_whose_move_saves_waves_become_sequences() -> None:
+    from pipeline.engine import _choose_hot
+
+    assert _choose_hot(np.array([1] * 9_999 + [10_001])).tolist() == [9_999]  # one hot symbol
+    assert _choose_hot(np.array([30, 29, 28, 25] * 40)).tolist() == []  # even: waves anyway
+    assert _choose_hot(np.array([200])).tolist() == [0]  # alone in its batch
+    assert _choose_hot(np.array([18, 17, 3])).tolist() == [0, 1]  # two hot ones
+    assert _choose_hot(np.array([16, 1, 1])).tolist() == []  # too short to bother

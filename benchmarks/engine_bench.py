@@ -477,30 +477,29 @@ def render(r: dict[str, Any]) -> str:
                 f"{row['model_seconds_share']['median'] * 100:.0f}%",
             ]
         )
-    one = r["engine_1_thread"]
-    rows.append(
-        [
-            f"{one['streams']:,} (1 thread)",
-            f"{one['batch_ticks']:,}",
-            fmt_rate(one["ticks_per_s"]["median"]),
-            f"{fmt_rate(one['ticks_per_s']['min'])}..{fmt_rate(one['ticks_per_s']['max'])}",
+
+    def engine_row(label: str, batch: str, row: dict[str, Any], last: str) -> list[str]:
+        t = row["ticks_per_s"]
+        return [
+            label,
+            batch,
+            fmt_rate(t["median"]),
+            f"{fmt_rate(t['min'])}..{fmt_rate(t['max'])}",
             fmt_rate(base["median"]),
-            fmt_ratio(one["ticks_per_s"]["median"] / base["median"]),
-            f"{one['model_seconds_share']['median'] * 100:.0f}%",
+            fmt_ratio(t["median"] / base["median"]),
+            last,
         ]
-    )
-    sk = r["engine_skewed"]
+
+    one, sk = r["engine_1_thread"], r["engine_skewed"]
     rows.append(
-        [
-            f"{sk['streams']:,} skewed",
-            f"{sk['batch_ticks']:,} ({sk['hot_share'] * 100:.0f}% one stream)",
-            fmt_rate(sk["ticks_per_s"]["median"]),
-            f"{fmt_rate(sk['ticks_per_s']['min'])}..{fmt_rate(sk['ticks_per_s']['max'])}",
-            fmt_rate(base["median"]),
-            fmt_ratio(sk["ticks_per_s"]["median"] / base["median"]),
-            f"{sk['waves']:,} waves",
-        ]
-    )
+        engine_row(f"{one['streams']:,} (1 thread)", f"{one['batch_ticks']:,}", one,
+                   f"{one['model_seconds_share']['median'] * 100:.0f}%")
+    )  # fmt: skip
+    rows.append(
+        engine_row(f"{sk['streams']:,} skewed",
+                   f"{sk['batch_ticks']:,} ({sk['hot_share'] * 100:.0f}% one stream)", sk,
+                   f"{sk['waves']:,} waves")
+    )  # fmt: skip
     lines.append(
         table(
             [

@@ -88,13 +88,18 @@ class TickBatch:
             self.timestamp_ms[rows],
         )
 
-    def tick(self, i: int) -> Tick:
-        """Row ``i`` as a :class:`Tick` (slow; for the rare tick that needs an object)."""
-        src = RecordSource(
+    def source(self, i: int) -> RecordSource:
+        """Where row ``i`` came from."""
+        return RecordSource(
             self.topic, int(self.partition[i]), int(self.offset[i]), int(self.timestamp_ms[i])
         )
+
+    def tick(self, i: int) -> Tick:
+        """Row ``i`` as a :class:`Tick` (slow; for the rare tick that needs an object)."""
         values = tuple(self.values[i].tolist())
-        return Tick(self.stream[i], float(self.ts[i]), values, src, self.key[i], self.raw[i])
+        return Tick(
+            self.stream[i], float(self.ts[i]), values, self.source(i), self.key[i], self.raw[i]
+        )
 
     def ticks(self, rows: I64 | None = None) -> list[Tick]:
         index = range(len(self)) if rows is None else rows.tolist()
@@ -102,10 +107,7 @@ class TickBatch:
 
     def rejection(self, i: int, reason: Reason, detail: str) -> Rejection:
         """Row ``i`` as a dead letter with its original bytes."""
-        src = RecordSource(
-            self.topic, int(self.partition[i]), int(self.offset[i]), int(self.timestamp_ms[i])
-        )
-        return Rejection(reason, detail, self.key[i], self.raw[i], src)
+        return Rejection(reason, detail, self.key[i], self.raw[i], self.source(i))
 
 
 class _Doc(msgspec.Struct):
@@ -162,7 +164,7 @@ def decode_records(
     raises. The ticks keep the input order; so do the rejections.
     """
     features = tuple(features)
-    single = features == ("value",) or len(features) == 1
+    single = len(features) == 1
     n_features = len(features)
     cols = _Columns()
     slow: list[int] = []  # indices into ``records`` for the reference decoder

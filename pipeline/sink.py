@@ -40,6 +40,10 @@ OutRecord = tuple[str, bytes | None, bytes | None, Headers]  # topic, key, value
 StateRecord = tuple[int, bytes, bytes | None, Headers]
 
 MAX_BACKOFF_S = 10.0
+# What producer.send() raises for a record it cannot queue. ValueError: a partition the
+# producer's metadata does not know yet (a changelog recreated after a broker restart); the
+# batch is then resent (at least once) or the transaction aborted and retried (exactly once).
+SEND_ERRORS = (KafkaError, ValueError)
 
 
 class Sink:
@@ -110,7 +114,7 @@ class Sink:
         try:
             for topic, key, value, headers in records:
                 pending.append(send(topic, key=key, value=value, headers=headers))
-        except KafkaError as exc:
+        except SEND_ERRORS as exc:
             self._broken = repr(exc)
 
     def send_forecasts(self, batch: ForecastBatch, model_version: str) -> None:
@@ -167,7 +171,7 @@ class Sink:
                 pending.append(
                     send(topic, key=key, value=value, partition=partition, headers=headers)
                 )
-        except KafkaError as exc:
+        except SEND_ERRORS as exc:
             self._broken = repr(exc)
 
     def send_dead_letters(self, rejections: Sequence[Rejection]) -> None:

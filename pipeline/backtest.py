@@ -1,10 +1,14 @@
 """``pipeline backtest``: replay history through the serving engine and score it against baselines.
 
 The model's forecasts come from :class:`~pipeline.engine.Engine` fed tick by tick in micro-batches,
-exactly as the daemon feeds it (no Kafka): what is scored is what would have been served. Beside
-it, on the same ticks and the same evaluation window:
+exactly as the daemon feeds it (no Kafka): ``combined`` is what would have been served (the model
+mixed online with cheap members, :mod:`pipeline.combine`, with ``--season`` as the daemon's
+``forecast.season``), ``model`` the network alone (what training evaluates). The combined
+forecast's intervals are scored too: empirical coverage per step and mean width. Beside them, on
+the same ticks and the same evaluation window:
 
 - ``persistence``: the last value, for every step;
+- ``damped``: the damped-trend rule ``x_t + c_h (x_t - x_{t-1})``, c_h = 0.5 + ... + 0.5^h;
 - ``seasonal_naive``: the value one season before the forecast time (``--season`` ticks);
 - ``snarimax`` and ``holt_winters``: River's online models, learning one tick at a time over the
   whole series and forecasting H steps at every tick of the evaluation window.
@@ -31,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.combine import CombineConfig
 from pipeline.dataset import (
     DEFAULT_SPLIT,
     Series,
@@ -47,7 +52,7 @@ from pipeline.normalize import F64
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("persistence", "seasonal_naive", "snarimax", "holt_winters")
+BASELINES = ("persistence", "damped", "seasonal_naive", "snarimax", "holt_winters")
 
 
 @dataclass
@@ -103,10 +108,27 @@ class Scores:
         }
 
 
+@dataclass
+class ServedForecasts:
+    """What the engine served for every tick of one series: each (n, H), stream units."""
+
+    combined: F64
+    lower: F64
+    upper: F64
+    model: F64
+
+    @staticmethod
+    def zeros(n: int, horizon: int) -> ServedForecasts:
+        return ServedForecasts(*(np.zeros((n, horizon)) for _ in range(4)))
+
+
 def engine_forecasts(
-    loaded: LoadedModel, series: Sequence[Series], rows_per_batch: int = 0
-) -> list[F64]:
-    """Forecasts (n_i, H) for every tick of every series, from the serving engine.
+    loaded: LoadedModel,
+    series: Sequence[Series],
+    rows_per_batch: int = 0,
+    combine: CombineConfig | None = None,
+) -> list[ServedForecasts]:
+    """Forecasts for every tick of every series, from the serving engine.
 
     Series are replayed side by side, ``rows_per_batch`` rows of each per micro-batch (default:
     about 4,096 ticks per batch), each a stream of its own, in the model's feature order.
@@ -115,9 +137,9 @@ def engine_forecasts(
     # Plain Python rows once per series: Tick wants floats, and per-row numpy access is slow.
     columns = [s.values[:, _feature_columns(s, meta.features)].tolist() for s in series]
     times = [s.ts.tolist() for s in series]
-    engine = Engine(loaded, capacity=max(len(series), 1))
+    engine = Engine(loaded, capacity=max(len(series), 1), combine=combine, keep_model=True)
     horizon = loaded.model.config.horizon
-    out = [np.zeros((len(s.ts), horizon)) for s in series]
+    out = [ServedForecasts.zeros(len(s.ts), horizon) for s in series]
     rows = rows_per_batch or max(1, 4096 // max(len(series), 1))
     longest = max(len(s.ts) for s in series)
     for r0 in range(0, longest, rows):
@@ -131,8 +153,10 @@ def engine_forecasts(
         if not ticks:
             continue
         batch = engine.process(ticks)
-        for (i, r), row in zip(where, batch.forecast, strict=True):
-            out[i][r] = row
+        parts = (batch.forecast, batch.lower, batch.upper, batch.model_forecast)
+        for j, (i, r) in enumerate(where):
+            o = out[i]
+            o.combined[r], o.lower[r], o.upper[r], o.model[r] = (a[j] for a in parts)
     return out
 
 
@@ -205,6 +229,30 @@ def make_holt_winters(
     return make
 
 
+def damped_trend(actual: F64, horizon: int, damping: float = 0.5) -> F64:
+    """(n, H): ``x_t + c_h (x_t - x_{t-1})`` with c_h = phi + ... + phi^h (the first tick: x_0)."""
+    change = np.r_[0.0, np.diff(actual)]
+    steps = np.arange(1, horizon + 1)
+    c = damping * (1 - damping**steps) / (1 - damping)
+    out: F64 = actual[:, None] + c[None, :] * change[:, None]
+    return out
+
+
+def interval_scores(served: ServedForecasts, actual: F64, window: Window) -> dict[str, F64]:
+    """Per step: how many actuals were scored, how many lay inside the interval, summed width."""
+    horizon = served.combined.shape[1]
+    n, inside, width = np.zeros(horizon), np.zeros(horizon), np.zeros(horizon)
+    for h in range(1, horizon + 1):
+        t = np.arange(window.start, max(window.end - h, window.start))
+        y = actual[t + h]
+        lo, hi = served.lower[t, h - 1], served.upper[t, h - 1]
+        ok = ~np.isnan(y)
+        n[h - 1] = ok.sum()
+        inside[h - 1] = ((lo <= y) & (y <= hi) & ok).sum()
+        width[h - 1] = (hi - lo)[ok].sum()
+    return {"n": n, "inside": inside, "width": width}
+
+
 def naive_scale(actual: F64, start: int) -> float:
     """Mean absolute one-step change before ``start`` (the MASE denominator)."""
     before = actual[: max(start, 2)]
@@ -213,7 +261,7 @@ def naive_scale(actual: F64, start: int) -> float:
 
 @dataclass
 class BacktestOptions:
-    season: int = 24
+    season: int = 24  # of the seasonal baselines and of the combination's seasonal member
     baselines: tuple[str, ...] = BASELINES
     snarimax_order: tuple[int, ...] = (2, 1, 1, 1, 0, 1)
     holt_winters: tuple[float, ...] = (0.5, 0.01, 0.05)
@@ -227,19 +275,28 @@ def backtest(
     horizon = loaded.model.config.horizon
     target = loaded.meta.target if loaded.meta.target in series[0].features else None
     started = time.monotonic()
-    forecasts = engine_forecasts(loaded, series)
+    combine = CombineConfig(season=opts.season)
+    forecasts = engine_forecasts(loaded, series, combine=combine)
     engine_seconds = time.monotonic() - started
-    methods = ["model", *opts.baselines]
+    methods = ["combined", "model", *opts.baselines]
     scores = {m: Scores(horizon) for m in methods}
     per_series: dict[str, dict[str, Any]] = {}
     examples: dict[str, dict[str, F64]] = {}
-    timings = {"model": engine_seconds}
+    timings = {"engine": engine_seconds}
+    intervals = {k: np.zeros(horizon) for k in ("n", "inside", "width")}
     for i, s in enumerate(series):
         actual = s.values[:, s.features.index(target) if target else 0]
         sp = opts.split.points(s.ts)
         window = Window(sp.val_end, sp.test_end)  # training's test part
         scale = naive_scale(actual, window.start)
-        by_method = {"model": forecasts[i], **_baselines(actual, horizon, window, opts, timings)}
+        served = forecasts[i]
+        by_method = {
+            "combined": served.combined,
+            "model": served.model,
+            **_baselines(actual, horizon, window, opts, timings),
+        }
+        for key, value in interval_scores(served, actual, window).items():
+            intervals[key] += value
         per_series[s.name] = {"n": window.end - window.start, "naive_scale": scale}
         for m in methods:
             mae = scores[m].add(by_method[m], actual, window, scale)
@@ -253,7 +310,15 @@ def backtest(
             summary[m]["ratio_h1"] = summary[m]["mae_h1"] / max(persistence["mae_h1"], 1e-300)
             summary[m]["ratio_mean"] = summary[m]["mae_mean"] / max(persistence["mae_mean"], 1e-300)
     meta = loaded.meta
+    n_scored = np.maximum(intervals["n"], 1)
+    coverage = intervals["inside"] / n_scored
     return {
+        "intervals": {
+            "level": combine.level,
+            "coverage": float(intervals["inside"].sum() / max(intervals["n"].sum(), 1)),
+            "coverage_by_step": coverage.round(4).tolist(),
+            "width_mean": float((intervals["width"] / n_scored).mean()),
+        },
         "model": {
             "version": meta.version,
             "cell": meta.config.cell,
@@ -282,6 +347,8 @@ def _baselines(
         t0 = time.monotonic()
         if name == "persistence":
             out[name] = np.repeat(actual[:, None], horizon, axis=1)
+        elif name == "damped":
+            out[name] = damped_trend(actual, horizon)
         elif name == "seasonal_naive":
             out[name] = seasonal_naive(actual, horizon, opts.season)
         elif name == "snarimax":
@@ -308,6 +375,13 @@ def table(report: dict[str, Any]) -> str:
             f"| {name} | {m['mae_h1']:.4g} | {m['mae_mean']:.4g} | {m['rmse_mean']:.4g} | "
             f"{m['mase_mean']:.3f} | {m.get('ratio_h1', math.nan):.3f} | "
             f"{m.get('ratio_mean', math.nan):.3f} |"
+        )
+    iv = report.get("intervals")
+    if iv:
+        by_step = iv["coverage_by_step"]
+        lines.append(
+            f"\nintervals ({iv['level']:.0%}): coverage {iv['coverage']:.3f} pooled, "
+            f"{min(by_step):.3f}-{max(by_step):.3f} by step; mean width {iv['width_mean']:.4g}"
         )
     return "\n".join(lines)
 
@@ -345,6 +419,7 @@ def plot(report: dict[str, Any], path: Path, last: int = 300) -> bool:
         t = np.arange(max(int(ex["start"][0]), n - last), n - 1)
         ax.plot(t + 1, ex["actual"][t + 1], color="black", lw=1.2, label="actual")
         ax.plot(t + 1, ex["model"][t, 0], lw=1, label="model (1 step)")
+        ax.plot(t + 1, ex["combined"][t, 0], lw=1, label="combined (1 step)")
         ax.plot(t + 1, ex["persistence"][t, 0], lw=0.8, ls="--", label="persistence")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7, loc="upper left")

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from pipeline.combine import CombineConfig
 from pipeline.errors import ConfigError
 
 ENV_PREFIX = "PIPELINE_"
@@ -124,6 +125,38 @@ class InputSettings(_Section):
     late_policy: Literal["dead_letter", "drop", "accept"] = "dead_letter"
 
 
+class ForecastSettings(_Section):
+    """How the served forecast is made from the model (``pipeline/combine.py``): mixed per stream
+    with cheap members by their recent errors, with calibrated interval bounds."""
+
+    # Members mixed with the model: any of model, persistence, damped, trend, seasonal.
+    # [model] alone serves the network's forecast unchanged (intervals still come with it).
+    members: tuple[Literal["model", "persistence", "damped", "trend", "seasonal"], ...] = (
+        "model", "persistence", "damped", "trend", "seasonal",
+    )  # fmt: skip
+    # Season of the seasonal member, in ticks (24 for hourly data with a daily cycle); 0: none.
+    season: int = Field(default=0, ge=0, le=10_000)
+    damping: float = Field(default=0.5, ge=0, le=1, description="phi of the damped member")
+    # Fading factor of each member's mean recent error (0.01: ~100 ticks of memory).
+    discount: float = Field(default=0.01, gt=0, le=1)
+    # How sharply weights follow the errors (0: equal weights).
+    eta: float = Field(default=8.0, ge=0, le=1_000)
+    # Central coverage of the [lower, upper] bounds, and the step of their online calibration.
+    interval_level: float = Field(default=0.8, gt=0, lt=1)
+    interval_rate: float = Field(default=0.05, gt=0, le=1)
+
+    def combine_config(self) -> CombineConfig:
+        return CombineConfig(
+            members=tuple(self.members),
+            season=self.season,
+            damping=self.damping,
+            discount=self.discount,
+            eta=self.eta,
+            level=self.interval_level,
+            rate=self.interval_rate,
+        )
+
+
 class SampleFeedSettings(_Section):
     """Synthetic ticks produced into the input topic by ``pipeline run`` itself (demo mode)."""
 
@@ -141,6 +174,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     model: ModelSettings = ModelSettings()
     input: InputSettings = InputSettings()
+    forecast: ForecastSettings = ForecastSettings()
     state: StateSettings = StateSettings()
     sample_feed: SampleFeedSettings = SampleFeedSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -47,7 +47,11 @@ class Daemon:
 
     def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
         self.settings = settings
-        self.engine = Engine(loaded, late_policy=settings.input.late_policy)
+        self.engine = Engine(
+            loaded,
+            late_policy=settings.input.late_policy,
+            combine=settings.forecast.combine_config(),
+        )
         self.quality = Quality()
         self.health = metrics.Health()
         self.stop_event = threading.Event()

@@ -4,6 +4,9 @@ One :meth:`Engine.process` call handles one micro-batch. Ticks are grouped by st
 their order; the k-th tick of every stream in the batch forms wave k, and each wave is one
 normalizer update and one batched model step for all its streams. A stream's forecasts therefore
 depend only on its own ticks, in order, whatever else is in the batch (invariant 1).
+
+What is served is the model's forecast combined with cheap members by their recent errors, with
+interval bounds (:mod:`pipeline.combine`); the model's own forecast is kept beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from pipeline.combine import CombineConfig, Combined, Combiner
 from pipeline.messages import Tick
 from pipeline.model import LoadedModel
 from pipeline.normalize import ABS_FLOOR, F64, I64, REL_FLOOR, NormalizedRun, horizon_scale
@@ -39,8 +43,12 @@ class ForecastBatch:
     input: TickBatch
     rows: I64  # (N,) input rows that have a forecast
     seq: I64  # (N,) 1-based count of ticks the stream has had processed
-    forecast: F64  # (N, H) next H values of the target feature, stream units
+    forecast: F64  # (N, H) next H values of the target feature, stream units (combined)
     warm: npt.NDArray[np.bool_]  # (N,)
+    lower: F64 = field(default_factory=lambda: np.zeros((0, 0)))  # (N, H) interval bounds
+    upper: F64 = field(default_factory=lambda: np.zeros((0, 0)))  # (N, H)
+    # (N, H) the model's own forecast, when the engine keeps it (Engine(keep_model=True)).
+    model_forecast: F64 = field(default_factory=lambda: np.zeros((0, 0)))
     late_rows: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     # Ticks whose target is missing (or a covariate with nothing to carry forward): no state
     # change, no forecast; the caller counts them as dropped.
@@ -53,6 +61,14 @@ class ForecastBatch:
     waves: int = 0  # batched model steps taken, plus sequences run (hot streams)
     model_seconds: float = 0.0  # wall time inside the model steps
     resets: int = 0  # streams whose state turned non-finite and was reset
+    # Sum over the forecast rows of each member's weight in the first horizon group (M,).
+    weight_sum: F64 = field(default_factory=lambda: np.zeros(0))
+    # Per horizon group (G,): past combined forecasts scored at this batch's ticks, and how many
+    # of them had the actual inside their interval.
+    interval_scored: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    interval_covered: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Per horizon group (G,): sum over the rows of the interval width in units of scale*sqrt(h).
+    width_sum: F64 = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,35 +104,86 @@ class _Outputs:
 
     seq: I64
     forecast: F64
+    lower: F64
+    upper: F64
+    model_forecast: F64
     warm: npt.NDArray[np.bool_]
     late: npt.NDArray[np.bool_]
     missing: npt.NDArray[np.bool_]
+    weight_sum: F64
+    interval_scored: I64
+    interval_covered: I64
+    width_sum: F64
     scored: list[tuple[F64, F64]] = field(default_factory=list)
     model_seconds: float = 0.0
     resets: int = 0
     sequences: int = 0
 
     @classmethod
-    def empty(cls, n: int, horizon: int) -> _Outputs:
+    def empty(cls, n: int, horizon: int, combiner: Combiner, keep_model: bool) -> _Outputs:
         z = np.zeros(n, dtype=bool)
-        return cls(np.zeros(n, dtype=np.int64), np.zeros((n, horizon)), z, z.copy(), z.copy())
+        f = np.zeros((n, horizon))
+        kept = f.copy() if keep_model else np.zeros((0, horizon))
+        g = np.zeros(len(combiner.reps), dtype=np.int64)
+        return cls(np.zeros(n, dtype=np.int64), f, f.copy(), f.copy(), kept, z, z.copy(),
+                   z.copy(), np.zeros(len(combiner.members)), g, g.copy(),
+                   np.zeros(len(combiner.reps)))  # fmt: skip
+
+    def put(self, rows: I64, combined: Combined, model: F64) -> None:
+        """The combination's results for ``rows``."""
+        self.forecast[rows] = combined.forecast
+        if len(self.model_forecast):
+            self.model_forecast[rows] = model
+        self.lower[rows], self.upper[rows] = combined.lower, combined.upper
+        self.weight_sum += combined.weights.sum(axis=0)
+        self.interval_scored += combined.scored
+        self.interval_covered += combined.covered
+        self.width_sum += 2.0 * combined.q.sum(axis=0)
 
 
 class Engine:
     """Holds the model and the per-stream state; steps many streams per torch call."""
 
     def __init__(
-        self, loaded: LoadedModel, capacity: int = 1024, late_policy: LatePolicy = "accept"
+        self,
+        loaded: LoadedModel,
+        capacity: int = 1024,
+        late_policy: LatePolicy = "accept",
+        combine: CombineConfig | None = None,
+        keep_model: bool = False,
     ) -> None:
         self.late_policy = late_policy
+        self.keep_model = keep_model  # also return the model's own forecast (backtests)
         self.model = loaded.model.eval()
         self.meta = loaded.meta
         self.target = loaded.meta.features.index(loaded.meta.target)
         self.horizon = loaded.model.config.horizon
         self._hscale = horizon_scale(self.horizon)  # (H,)
+        self.combine = combine or CombineConfig()
         self.store = StateStore(
-            loaded.model.state_sizes, loaded.meta.normalizer, len(loaded.meta.features), capacity
+            loaded.model.state_sizes,
+            loaded.meta.normalizer,
+            len(loaded.meta.features),
+            capacity,
+            self.combine,
+            self.horizon,
         )
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Names of the combination's members, in the order of ``ForecastBatch.weight_sum``."""
+        return self.store.combiner.members
+
+    @property
+    def horizon_groups(self) -> list[str]:
+        """Labels of the horizon groups (``"1"``, ``"2-4"``, ...), as in ``interval_scored``."""
+        combiner = self.store.combiner
+        labels = []
+        for g in range(len(combiner.reps)):
+            steps = np.flatnonzero(combiner.group_of_step == g) + 1
+            first, last = int(steps[0]), int(steps[-1])
+            labels.append(str(first) if first == last else f"{first}-{last}")
+        return labels
 
     @property
     def version(self) -> str:
@@ -142,9 +209,13 @@ class Engine:
             )
         same_shapes = loaded.model.state_sizes == self.model.state_sizes
         same_norm = new.normalizer == old.normalizer
+        same_horizon = loaded.model.config.horizon == self.horizon
         self.model, self.meta = loaded.model.eval(), new
         self.horizon = loaded.model.config.horizon
         self._hscale = horizon_scale(self.horizon)
+        if not same_horizon:  # the combination's rings have the horizon's shape: start afresh
+            store = self.store
+            store.combiner = Combiner(self.combine, self.horizon, store.capacity)
         if same_shapes and same_norm:
             return "kept_state"
         store = self.store
@@ -164,7 +235,7 @@ class Engine:
         if n == 0:
             empty = np.zeros(0, dtype=np.int64)
             return ForecastBatch(batch, empty, empty, np.zeros((0, self.horizon)), empty > 0)
-        out = _Outputs.empty(n, self.horizon)
+        out = _Outputs.empty(n, self.horizon, self.store.combiner, self.keep_model)
         rank, streams, stream_index = _rank_by_stream(batch.stream)
         slot_of = self.store.slot_of
         known = np.fromiter((s in slot_of for s in streams), dtype=bool, count=len(streams))
@@ -177,7 +248,8 @@ class Engine:
         rows_left = np.flatnonzero(in_waves) if in_waves is not None else np.arange(n)
         waves = self._run_waves(batch, values, rank, rows_left, slot_of_tick, out)
         if self.meta.target_transform == "log":
-            np.exp(out.forecast, out=out.forecast)
+            for a in (out.forecast, out.lower, out.upper, out.model_forecast):
+                np.exp(a, out=a)
         keep = ~(out.late | out.missing)
         touched = self._settle_streams(streams, known, stream_index[keep])
         stats = {
@@ -189,15 +261,25 @@ class Engine:
             "waves": waves + out.sequences,
             "model_seconds": out.model_seconds,
             "resets": out.resets,
+            "weight_sum": out.weight_sum,
+            "interval_scored": out.interval_scored,
+            "interval_covered": out.interval_covered,
+            "width_sum": out.width_sum,
         }
         if keep.all():
-            return ForecastBatch(batch, np.arange(n), out.seq, out.forecast, out.warm, **stats)  # type: ignore[arg-type]
+            return ForecastBatch(
+                batch, np.arange(n), out.seq, out.forecast, out.warm, out.lower, out.upper,
+                out.model_forecast, **stats,  # type: ignore[arg-type]
+            )  # fmt: skip
         return ForecastBatch(
             batch,
             np.flatnonzero(keep),
             out.seq[keep],
             out.forecast[keep],
             out.warm[keep],
+            out.lower[keep],
+            out.upper[keep],
+            out.model_forecast[keep] if self.keep_model else out.model_forecast,
             np.flatnonzero(out.late),
             np.flatnonzero(out.missing),
             **stats,  # type: ignore[arg-type]
@@ -242,11 +324,13 @@ class Engine:
     def _step_rows(self, batch: TickBatch, rows: I64, slots: I64, vals: F64, out: _Outputs) -> None:
         """One wave: distinct ``slots`` each advance by the tick at ``rows``."""
         t0 = time.perf_counter()
-        out.scored.append(self._score(slots, vals))
-        (forecast, warm), bad = self._wave(slots, vals, batch.ts[rows])
+        scale_before = self._scale(slots)
+        out.scored.append(self._score(slots, vals, scale_before))
+        (combined, model, warm), bad = self._wave(slots, vals, batch.ts[rows], scale_before)
         out.model_seconds += time.perf_counter() - t0
         out.resets += bad
-        out.forecast[rows], out.warm[rows] = forecast, warm
+        out.put(rows, combined, model)
+        out.warm[rows] = warm
         out.seq[rows] = self.store.seq[slots]
         self.store.mark(slots, batch.partition[rows], batch.offset[rows])
 
@@ -317,7 +401,11 @@ class Engine:
                 self._step_rows(batch, np.array([r]), np.array([slot]), values[[r]], out)
             out.late[rows[late]] = True
             return True
-        out.scored.append(self._score_run(slot, x, run, forecast))
+        scale_before = self._run_scale_before(slot, run)
+        forecast = self._combine_run(
+            slot, x[:, self.target], forecast, scale_before, run, run_rows, out
+        )
+        out.scored.append(self._score_run(slot, x, run, forecast, scale_before))
         norm.apply_run(slot, run)
         for h, s in zip(store.hidden, new_state, strict=True):
             h[slot] = s[0]
@@ -326,14 +414,44 @@ class Engine:
         store.prev_forecast[slot] = forecast[-1, 0]
         last = run_rows[-1:]
         store.mark(np.array([slot]), batch.partition[last], batch.offset[last])
-        out.forecast[run_rows] = forecast
         out.warm[run_rows] = run.step.warm
         out.seq[run_rows] = seq0 + 1 + np.arange(len(run_rows))
         out.late[rows[late]] = True
         out.model_seconds += time.perf_counter() - t0
         return True
 
-    def _score_run(self, slot: int, x: F64, run: NormalizedRun, forecast: F64) -> tuple[F64, F64]:
+    def _combine_run(
+        self, slot: int, target: F64, model: F64, scale_before: F64, run: NormalizedRun,
+        rows: I64, out: _Outputs,
+    ) -> F64:  # fmt: skip
+        """The combination over a hot stream's run: at once when the stream is old enough
+        (:meth:`Combiner.run`), else tick by tick. Returns the combined forecasts (L, H)."""
+        combiner, scale = self.store.combiner, run.step.scale
+        if combiner.can_run(slot):
+            combined = combiner.run(slot, target, model, scale_before, scale)
+            if combined is not None:
+                out.put(rows, combined, model)
+                return combined.forecast
+        forecast = np.empty_like(model)
+        slots = np.array([slot])
+        for i in range(len(rows)):  # sequential: weights depend on the previous ticks
+            c = combiner.step(slots, target[i : i + 1], model[i : i + 1],
+                              scale_before[i : i + 1], scale[i : i + 1])  # fmt: skip
+            out.put(rows[i : i + 1], c, model[i : i + 1])
+            forecast[i] = c.forecast[0]
+        return forecast
+
+    def _run_scale_before(self, slot: int, run: NormalizedRun) -> F64:
+        """(L,) :meth:`_scale` before each tick of a run."""
+        norm, target = self.store.normalizer, self.target
+        dsq_before = np.concatenate([[norm.dsq[slot, target]], run.dsq[:-1, target]])
+        mean_before = run.prev_mean[:, target]
+        scale: F64 = np.sqrt(dsq_before) + ABS_FLOOR + REL_FLOOR * np.abs(mean_before)
+        return scale
+
+    def _score_run(
+        self, slot: int, x: F64, run: NormalizedRun, forecast: F64, scale: F64
+    ) -> tuple[F64, F64]:
         """:meth:`_score` for every tick of a run: the previous one-step forecast (the stored
         one for the first tick) against the tick, in the scale before the tick."""
         norm, target = self.store.normalizer, self.target
@@ -342,9 +460,6 @@ class Engine:
         ok = ~np.isnan(prev) & (count_before >= norm.config.warmup)
         if not ok.any():
             return np.zeros(0), np.zeros(0)
-        dsq_before = np.concatenate([[norm.dsq[slot, target]], run.dsq[:-1, target]])
-        mean_before = run.prev_mean[:, target]
-        scale = np.sqrt(dsq_before) + ABS_FLOOR + REL_FLOOR * np.abs(mean_before)
         actual = x[:, target]
         error = np.abs(actual - prev) / scale
         base = np.abs(actual - run.prev_last[:, target]) / scale
@@ -378,8 +493,19 @@ class Engine:
         skip = np.isnan(vals).any(axis=1)
         return rows[~skip], vals[~skip], rows[skip]
 
-    def _score(self, slots: I64, values: F64) -> tuple[F64, F64]:
-        """Scaled errors of the previous one-step forecasts of warm streams, before the update."""
+    def _scale(self, slots: I64) -> F64:
+        """(N,) the target's typical one-step move of ``slots`` (stream units), as it stands."""
+        norm, target = self.store.normalizer, self.target
+        scale: F64 = (
+            np.sqrt(norm.dsq[slots, target])
+            + ABS_FLOOR
+            + REL_FLOOR * np.abs(norm.mean[slots, target])
+        )
+        return scale
+
+    def _score(self, slots: I64, values: F64, scale: F64) -> tuple[F64, F64]:
+        """Scaled errors of the previous one-step forecasts of warm streams, before the update
+        (``scale``: :meth:`_scale` of ``slots`` before it)."""
         store, target = self.store, self.target
         norm = store.normalizer
         prev = store.prev_forecast[slots]
@@ -388,8 +514,8 @@ class Engine:
             return np.zeros(0), np.zeros(0)
         s = slots[ok]
         actual = values[ok, target]
-        scale = np.sqrt(norm.dsq[s, target]) + ABS_FLOOR + REL_FLOOR * np.abs(norm.mean[s, target])
-        return np.abs(actual - prev[ok]) / scale, np.abs(actual - norm.last[s, target]) / scale
+        unit = scale[ok]
+        return np.abs(actual - prev[ok]) / unit, np.abs(actual - norm.last[s, target]) / unit
 
     def _late(self, slots: I64, ts: F64) -> npt.NDArray[np.bool_]:
         """Which ticks are older than their stream's newest processed tick."""
@@ -398,8 +524,8 @@ class Engine:
         return late
 
     def _wave(
-        self, slots: I64, values: F64, ts: F64
-    ) -> tuple[tuple[F64, npt.NDArray[np.bool_]], int]:
+        self, slots: I64, values: F64, ts: F64, scale_before: F64
+    ) -> tuple[tuple[Combined, F64, npt.NDArray[np.bool_]], int]:
         store = self.store
         norm = store.normalizer.step(slots, values, ts, self.target)
         index = torch.from_numpy(slots)
@@ -418,8 +544,13 @@ class Engine:
             store.reset(slots[rows])  # cold start: zero hidden state and statistics, keep seq
             forecast[rows] = norm.last[rows, None]  # persistence for this tick
             bad = int(rows.sum())
-        store.prev_forecast[slots] = forecast[:, 0]
-        return (forecast, norm.warm), bad
+        scale = norm.scale
+        if bad:
+            scale = np.where(np.isfinite(scale), scale, 0.0)
+            scale_before = np.where(np.isfinite(scale_before), scale_before, 0.0)
+        combined = store.combiner.step(slots, values[:, self.target], forecast, scale_before, scale)
+        store.prev_forecast[slots] = combined.forecast[:, 0]
+        return (combined, forecast, norm.warm), bad
 
 
 def _choose_hot(counts: I64) -> I64:

@@ -164,6 +164,35 @@ SKILL = Gauge(
     "pipeline_forecast_skill_ratio",
     "Recent model MAE / last-value MAE on the same ticks; below 1 means the model helps.",
 )
+MEMBER_WEIGHT = Gauge(
+    "pipeline_member_weight",
+    "Recent mean weight of each member in the served one-step forecast, over all streams "
+    "(the model mixed with cheap rules by their recent errors; weights sum to 1).",
+    ["member"],
+)
+INTERVAL_SCORED = Counter(
+    "pipeline_interval_scored_total",
+    "Served forecast intervals compared with the value that arrived, at the representative "
+    "step of each horizon group.",
+    ["horizon"],
+)
+INTERVAL_COVERED = Counter(
+    "pipeline_interval_covered_total",
+    "Of pipeline_interval_scored_total, those with the value inside [lower, upper].",
+    ["horizon"],
+)
+INTERVAL_COVERAGE = Gauge(
+    "pipeline_interval_coverage",
+    "Recent share of scored intervals that held the value (exponentially weighted over batches); "
+    "the target is forecast.interval_level.",
+    ["horizon"],
+)
+INTERVAL_WIDTH = Gauge(
+    "pipeline_interval_width_scaled",
+    "Recent mean width of the served intervals, in units of the stream's typical one-step move "
+    "times sqrt(step).",
+    ["horizon"],
+)
 DRIFTS = Counter(
     "pipeline_drift_detections_total",
     "Changes in the forecast residuals detected by River's ADWIN.",

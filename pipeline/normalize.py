@@ -116,13 +116,7 @@ class Normalizer:
 
     def grow(self, capacity: int) -> None:
         """Enlarge every array to ``capacity`` rows; new rows are fresh (count 0)."""
-        extra = capacity - self.capacity
-        if extra <= 0:
-            return
-        for name in self.FIELDS:
-            old = getattr(self, name)
-            pad = np.zeros((extra, *old.shape[1:]), dtype=old.dtype)
-            setattr(self, name, np.concatenate([old, pad]))
+        grow_rows(self, self.FIELDS, capacity)
 
     def reset(self, slots: I64) -> None:
         """Forget the statistics of ``slots`` (a new stream, or one being evicted)."""
@@ -211,7 +205,7 @@ class Normalizer:
         if count0 < 2:
             raise ValueError("run() needs a stream with two ticks already; use step()")
         length = len(ts)
-        mean = _ew(cfg.level_alpha, self.mean[slot], x)  # (L, F)
+        mean = ew_mean(cfg.level_alpha, self.mean[slot], x)  # (L, F)
         prev_mean = np.vstack([self.mean[slot][None], mean[:-1]])
         diff = x - prev_mean
         a = 1.0 - cfg.level_alpha
@@ -219,10 +213,10 @@ class Normalizer:
                          zi=(a * self.var[slot])[None])  # fmt: skip
         prev_x = np.vstack([self.last[slot][None], x[:-1]])
         change = x - prev_x
-        dsq = _ew(cfg.scale_alpha, self.dsq[slot], change * change)
+        dsq = ew_mean(cfg.scale_alpha, self.dsq[slot], change * change)
         newest = np.maximum.accumulate(np.concatenate([[self.last_ts[slot]], ts]))  # (L + 1,)
         dt = np.maximum(ts - newest[:-1], 0.0)
-        dt_mean = _ew(cfg.dt_alpha, np.array([self.dt_mean[slot]]), dt[:, None])[:, 0]
+        dt_mean = ew_mean(cfg.dt_alpha, np.array([self.dt_mean[slot]]), dt[:, None])[:, 0]
         n = count0 + 1 + np.arange(length, dtype=np.int64)
         ratio = (dt + 1e-9) / (dt_mean + 1e-9)
         step = self._inputs(x, mean, var, n, change, dsq, ratio, ts, target)
@@ -265,18 +259,34 @@ class Normalizer:
     def restore_many(self, slots: I64, flat: F64) -> None:
         """:meth:`restore` for many slots at once: ``flat`` is (N, snapshot_width), one
         :meth:`snapshot` per row, in the order of ``slots``."""
-        if flat.ndim != 2 or flat.shape[1] != self.snapshot_width:
-            raise ValueError(f"normalizer snapshots have shape {flat.shape}, expected "
-                             f"(N, {self.snapshot_width})")  # fmt: skip
-        pos = 0
-        for name in self.FIELDS:
-            arr = getattr(self, name)
-            if arr.ndim == 2:
-                arr[slots] = flat[:, pos : pos + self.n_features]
-                pos += self.n_features
-            else:
-                arr[slots] = flat[:, pos]
-                pos += 1
+        put_rows(self, self.FIELDS, slots, flat, "normalizer")
+
+
+def grow_rows(owner: object, fields: tuple[str, ...], capacity: int) -> int:
+    """Enlarge the per-slot arrays ``fields`` of ``owner`` to ``capacity`` rows of zeros;
+    returns the rows added (0 if it already had as many)."""
+    extra = capacity - len(getattr(owner, fields[0]))
+    if extra <= 0:
+        return 0
+    for name in fields:
+        old = getattr(owner, name)
+        pad = np.zeros((extra, *old.shape[1:]), dtype=old.dtype)
+        setattr(owner, name, np.concatenate([old, pad]))
+    return extra
+
+
+def put_rows(owner: object, fields: tuple[str, ...], slots: I64, flat: F64, what: str) -> None:
+    """Scatter ``flat`` (N, total width), the ``fields`` of ``owner`` side by side per row, into
+    rows ``slots`` of those arrays; ValueError naming ``what`` on a width mismatch."""
+    arrays = [getattr(owner, name) for name in fields]
+    width = sum(int(np.prod(a.shape[1:])) for a in arrays)
+    if flat.ndim != 2 or flat.shape[1] != width:
+        raise ValueError(f"{what} snapshots have shape {flat.shape}, expected (N, {width})")
+    pos = 0
+    for arr in arrays:
+        w = int(np.prod(arr.shape[1:]))
+        arr[slots] = flat[:, pos : pos + w].reshape(len(slots), *arr.shape[1:])
+        pos += w
 
 
 def horizon_scale(horizon: int) -> F64:
@@ -285,7 +295,7 @@ def horizon_scale(horizon: int) -> F64:
     return np.sqrt(np.arange(1, horizon + 1, dtype=np.float64))
 
 
-def _ew(alpha: float, start: F64, u: F64) -> F64:
+def ew_mean(alpha: float, start: F64, u: F64) -> F64:
     """River's EWMean over a sequence: y_t = y_{t-1} + alpha * (u_t - y_{t-1}) from y = start;
     ``u`` (L, K), ``start`` (K,) -> (L, K)."""
     a = 1.0 - alpha

@@ -1,11 +1,14 @@
-"""Online forecast quality: scale-free MAE, skill against last value, drift in the residuals."""
+"""Online forecast quality: scale-free MAE, skill against last value, drift in the residuals,
+the combination's member weights and the intervals' coverage and width."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from river import drift
 
 from pipeline import metrics
-from pipeline.normalize import F64
+from pipeline.normalize import F64, I64
 
 # Residual samples fed to ADWIN per micro-batch (evenly spread): bounds the per-batch cost.
 ADWIN_SAMPLES = 512
@@ -20,6 +23,9 @@ class Quality:
         self.mae: float | None = None
         self.base: float | None = None
         self.drifts = 0
+        self.weights: F64 | None = None
+        self.coverage: dict[str, float] = {}
+        self.width: dict[str, float] = {}
 
     def observe(self, error: F64, persistence_error: F64) -> None:
         """``error``/``persistence_error`` (M,): scaled absolute errors of M scored forecasts."""
@@ -42,3 +48,38 @@ class Quality:
             if self.adwin.drift_detected:
                 self.drifts += 1
                 metrics.DRIFTS.inc()
+
+    def observe_combination(
+        self,
+        members: Sequence[str],
+        groups: Sequence[str],
+        rows: int,
+        weight_sum: F64,
+        scored: I64,
+        covered: I64,
+        width_sum: F64,
+    ) -> None:
+        """One batch's combination figures: ``rows`` forecasts, the sum of their member weights
+        (M,), and per horizon group (G,) intervals scored/covered and the sum of their widths."""
+        if rows == 0 or len(weight_sum) != len(members):
+            return
+        mean = weight_sum / rows
+        self.weights = (
+            mean if self.weights is None else self.weights + EW_ALPHA * (mean - self.weights)
+        )
+        for name, w in zip(members, self.weights.tolist(), strict=True):
+            metrics.MEMBER_WEIGHT.labels(name).set(w)
+        for g, label in enumerate(groups):
+            _ew_set(self.width, label, float(width_sum[g]) / rows, metrics.INTERVAL_WIDTH)
+            n = int(scored[g])
+            if n == 0:
+                continue
+            metrics.INTERVAL_SCORED.labels(label).inc(n)
+            metrics.INTERVAL_COVERED.labels(label).inc(int(covered[g]))
+            _ew_set(self.coverage, label, int(covered[g]) / n, metrics.INTERVAL_COVERAGE)
+
+
+def _ew_set(recent: dict[str, float], label: str, value: float, gauge: object) -> None:
+    old = recent.get(label)
+    recent[label] = value if old is None else old + EW_ALPHA * (value - old)
+    gauge.labels(label).set(recent[label])  # type: ignore[attr-defined]

@@ -133,6 +133,7 @@ class Sink:
             batch.forecast.tolist(),
             model_version,
             batch.warm.tolist(),
+            (batch.lower.tolist(), batch.upper.tolist()) if batch.lower.size else None,
         )
         topic = self.output_topic
         partitions = ticks.partition[rows].tolist()

@@ -1,10 +1,12 @@
 """Per-stream state: stream id → slot, and every slot's numbers in preallocated arrays.
 
 Hidden states live in one torch tensor per layer (``(capacity, S_l)``), normalizer statistics in
-numpy arrays owned by :class:`~pipeline.normalize.Normalizer`, plus per slot: ``seq`` (ticks
-processed), the last one-step forecast (scored when the next tick comes), the input partition and
-offset of the stream's newest tick, and the wall time it was seen. Capacity doubles when full;
-freed slots are reused. Reads never create state: only :meth:`StateStore.slots_for` allocates.
+numpy arrays owned by :class:`~pipeline.normalize.Normalizer`, the combination's losses, history
+and interval quantiles in arrays owned by :class:`~pipeline.combine.Combiner`, plus per slot:
+``seq`` (ticks processed), the last one-step forecast (scored when the next tick comes), the input
+partition and offset of the stream's newest tick, and the wall time it was seen. Capacity doubles
+when full; freed slots are reused. Reads never create state: only :meth:`StateStore.slots_for`
+allocates.
 
 **Undo.** Between :meth:`StateStore.track` and :meth:`StateStore.settle` the store keeps a
 before-image of every stream a micro-batch changes (and notes the streams it creates), so an
@@ -14,8 +16,12 @@ O(streams touched), without reading the changelog.
 :meth:`StateStore.snapshot` turns one stream's state into bytes for the changelog topic:
 
     header  <B i q q d H H>  format version, partition, offset, seq, prev forecast,
-                             count of normalizer floats, count of hidden floats
-    body    float64 × n_norm (normalizer), float32 × n_hidden (hidden states, layer by layer)
+                             count of statistics floats, count of hidden floats
+    body    float64 × n_stats (normalizer, then combiner), float32 × n_hidden (hidden states,
+            layer by layer)
+
+Version 1 (before the combiner) held the normalizer's numbers only; such a value still installs,
+with the combination starting fresh.
 
 ``offset`` is the input offset of the newest tick folded into the state: a restore keeps a
 record only if that offset is below the partition's committed offset.
@@ -36,11 +42,13 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from pipeline.combine import CombineConfig, Combiner
 from pipeline.normalize import F64, I64, Normalizer, NormalizerConfig
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+_VERSIONS = (1, 2)  # readable
 _HEADER = struct.Struct("<BiqqdHH")
 
 
@@ -52,25 +60,25 @@ class Snapshot:
     offset: int
     seq: int
     prev_forecast: float
-    normalizer: list[float]
+    stats: list[float]  # normalizer numbers, then (version 2) the combiner's
     hidden: bytes  # float32, layer by layer; empty if the model's shapes changed
 
     @staticmethod
     def decode(blob: bytes) -> Snapshot:
         """Parse a changelog value; raises ValueError on an unknown version or a short body."""
-        if len(blob) < _HEADER.size or blob[0] != SNAPSHOT_VERSION:
+        if len(blob) < _HEADER.size or blob[0] not in _VERSIONS:
             raise ValueError(f"not a v{SNAPSHOT_VERSION} stream snapshot ({len(blob)} bytes)")
         _, partition, offset, seq, prev, n_norm, n_hidden = _HEADER.unpack_from(blob)
         body = memoryview(blob)[_HEADER.size :]
         if len(body) != 8 * n_norm + 4 * n_hidden:
             raise ValueError("stream snapshot body has the wrong length")
-        norm = list(struct.unpack_from(f"<{n_norm}d", body))
-        return Snapshot(partition, offset, seq, prev, norm, bytes(body[8 * n_norm :]))
+        stats = list(struct.unpack_from(f"<{n_norm}d", body))
+        return Snapshot(partition, offset, seq, prev, stats, bytes(body[8 * n_norm :]))
 
 
 def snapshot_offset(blob: bytes) -> int:
     """The input offset a changelog value reflects (header only; ValueError if not a snapshot)."""
-    if len(blob) < _HEADER.size or blob[0] != SNAPSHOT_VERSION:
+    if len(blob) < _HEADER.size or blob[0] not in _VERSIONS:
         raise ValueError(f"not a v{SNAPSHOT_VERSION} stream snapshot ({len(blob)} bytes)")
     offset: int = _HEADER.unpack_from(blob)[2]
     return offset
@@ -130,10 +138,13 @@ class StateStore:
         normalizer: NormalizerConfig,
         n_features: int,
         capacity: int = 1024,
+        combine: CombineConfig | None = None,
+        horizon: int = 1,
     ) -> None:
         self.state_sizes = list(state_sizes)
         self.hidden: list[Tensor] = [torch.zeros(capacity, s) for s in self.state_sizes]
         self.normalizer = Normalizer(normalizer, n_features, capacity)
+        self.combiner = Combiner(combine or CombineConfig(), horizon, capacity)
         self.seq: I64 = np.zeros(capacity, dtype=np.int64)
         # The one-step forecast made at each stream's latest tick (NaN: none yet), scored when
         # the next tick arrives.
@@ -201,6 +212,7 @@ class StateStore:
         extra = capacity - old
         self.hidden = [torch.cat([h, torch.zeros(extra, h.shape[1])]) for h in self.hidden]
         self.normalizer.grow(capacity)
+        self.combiner.grow(capacity)
         for name in self._SLOT_ARRAYS:
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(extra, self._FILL[name], arr.dtype)]))
@@ -237,7 +249,12 @@ class StateStore:
         return len(undo.saved)
 
     def _array(self, name: str) -> npt.NDArray[np.generic]:
-        owner = self.normalizer if name in Normalizer.FIELDS else self
+        if name in Normalizer.FIELDS:
+            owner: object = self.normalizer
+        elif name in Combiner.FIELDS:
+            owner = self.combiner
+        else:
+            owner = self
         array: npt.NDArray[np.generic] = getattr(owner, name)
         return array
 
@@ -245,7 +262,7 @@ class StateStore:
         """Copy the current state of ``streams`` (existing, not yet saved) into the undo log."""
         assert self._undo is not None
         slots = np.fromiter((self.slot_of[s] for s in streams), dtype=np.int64, count=len(streams))
-        names = (*Normalizer.FIELDS, *self._SLOT_ARRAYS)
+        names = (*Normalizer.FIELDS, *Combiner.FIELDS, *self._SLOT_ARRAYS)
         arrays = {name: self._array(name)[slots].copy() for name in names}
         index = torch.from_numpy(slots)
         hidden = [h.index_select(0, index) for h in self.hidden]
@@ -260,6 +277,7 @@ class StateStore:
         for h in self.hidden:
             h.index_fill_(0, index, 0.0)
         self.normalizer.reset(slots)
+        self.combiner.reset(slots)
         self.prev_forecast[slots] = np.nan
 
     def reset_hidden(self) -> None:
@@ -331,10 +349,16 @@ class StateStore:
 
     # -- snapshots ----------------------------------------------------------------------------
 
+    @property
+    def stats_width(self) -> int:
+        """Float64 numbers in one snapshot's statistics section (normalizer, then combiner)."""
+        return self.normalizer.snapshot_width + self.combiner.snapshot_width
+
     def snapshot(self, stream: str) -> bytes:
         """One stream's state as a changelog value (see the module docstring)."""
         slot = self.slot_of[stream]
-        norm = self.normalizer.snapshot(slot)
+        stats = self.normalizer.snapshot(slot)
+        stats += self.combiner.snapshot_rows(np.array([slot]))[0].tolist()
         hidden = b"".join(h[slot].numpy().tobytes() for h in self.hidden)
         header = _HEADER.pack(
             SNAPSHOT_VERSION,
@@ -342,10 +366,10 @@ class StateStore:
             int(self.offset[slot]),
             int(self.seq[slot]),
             float(self.prev_forecast[slot]),
-            len(norm),
+            len(stats),
             sum(self.state_sizes),
         )
-        return header + struct.pack(f"<{len(norm)}d", *norm) + hidden
+        return header + struct.pack(f"<{len(stats)}d", *stats) + hidden
 
     def snapshots(self, streams: Sequence[str]) -> list[bytes]:
         """:meth:`snapshot` of many streams (all held by the store), built at once: one gather
@@ -355,16 +379,17 @@ class StateStore:
             return []
         slots = np.fromiter((self.slot_of[s] for s in streams), dtype=np.int64, count=len(streams))
         norm = self.normalizer
-        n_norm, n_hidden = norm.snapshot_width, sum(self.state_sizes)
-        rows = np.zeros(len(slots), dtype=_snapshot_dtype(n_norm, n_hidden))
+        n_stats, n_hidden = self.stats_width, sum(self.state_sizes)
+        rows = np.zeros(len(slots), dtype=_snapshot_dtype(n_stats, n_hidden))
         rows["version"] = SNAPSHOT_VERSION
         rows["partition"] = self.partition[slots]
         rows["offset"] = self.offset[slots]
         rows["seq"] = self.seq[slots]
         rows["prev"] = self.prev_forecast[slots]
-        rows["n_norm"], rows["n_hidden"] = n_norm, n_hidden
+        rows["n_norm"], rows["n_hidden"] = n_stats, n_hidden
         rows["norm"] = np.concatenate(
-            [getattr(norm, name)[slots].reshape(len(slots), -1) for name in Normalizer.FIELDS],
+            [getattr(norm, name)[slots].reshape(len(slots), -1) for name in Normalizer.FIELDS]
+            + [self.combiner.snapshot_rows(slots)],
             axis=1,
         )
         index = torch.from_numpy(slots)
@@ -378,13 +403,18 @@ class StateStore:
         Returns False if the hidden state does not fit this model (it then starts cold while
         the statistics and ``seq`` are kept). Raises ValueError if the statistics do not fit.
         """
-        expected = self.normalizer.snapshot_width
-        if len(snap.normalizer) != expected:
+        n_norm = self.normalizer.snapshot_width
+        if len(snap.stats) not in (n_norm, self.stats_width):
             raise ValueError(
-                f"normalizer snapshot has {len(snap.normalizer)} numbers, expected {expected}"
+                f"stream snapshot has {len(snap.stats)} statistics, expected {self.stats_width}"
             )
         slot = self.slots_for([stream])[0]
-        self.normalizer.restore(slot, snap.normalizer)
+        slots = np.array([slot], dtype=np.int64)
+        self.normalizer.restore(slot, snap.stats[:n_norm])
+        if len(snap.stats) == n_norm:
+            self.combiner.reset(slots)  # a version-1 value: the combination starts fresh
+        else:
+            self.combiner.restore_rows(slots, np.array([snap.stats[n_norm:]]))
         self.seq[slot], self.prev_forecast[slot] = snap.seq, snap.prev_forecast
         self.partition[slot], self.offset[slot] = snap.partition, snap.offset
         self.seen_at[slot] = time.time()
@@ -403,29 +433,31 @@ class StateStore:
 
         Values are grouped by length and decoded with one structured view per group; slots are
         filled with one scatter per array. A value that is not a snapshot, or whose statistics
-        do not fit this model's features, is left out (listed in ``unusable``: that stream
-        starts cold); one whose hidden state does not fit starts with zero hidden state.
+        do not fit this model's features and combination, is left out (listed in ``unusable``:
+        that stream starts cold); one whose hidden state does not fit starts with zero hidden
+        state; a version-1 value (normalizer only) starts its combination fresh.
         """
         report = InstallReport()
         by_size: dict[int, list[str]] = {}
         for stream, blob in snapshots.items():
             by_size.setdefault(len(blob), []).append(stream)
+        widths = (self.normalizer.snapshot_width, self.stats_width)
         for size, streams in by_size.items():
             if size < _HEADER.size:
                 report.unusable += streams
                 continue
-            _, _, _, _, _, n_norm, n_hidden = _HEADER.unpack_from(snapshots[streams[0]])
-            dtype = _snapshot_dtype(n_norm, n_hidden)
+            version, _, _, _, _, n_stats, n_hidden = _HEADER.unpack_from(snapshots[streams[0]])
+            dtype = _snapshot_dtype(n_stats, n_hidden)
             if dtype.itemsize != size:
                 report.unusable += streams
                 continue
             rows = np.frombuffer(b"".join(snapshots[s] for s in streams), dtype=dtype)
             ok = (
-                (rows["version"] == SNAPSHOT_VERSION)
-                & (rows["n_norm"] == n_norm)
+                (rows["version"] == version)
+                & (rows["n_norm"] == n_stats)
                 & (rows["n_hidden"] == n_hidden)
             )
-            if n_norm != self.normalizer.snapshot_width:
+            if version not in _VERSIONS or n_stats != widths[version - 1]:
                 ok[:] = False
             report.unusable += [s for s, good in zip(streams, ok.tolist(), strict=True) if not good]
             if not ok.all():
@@ -444,7 +476,13 @@ class StateStore:
 
     def _install_rows(self, streams: list[str], rows: npt.NDArray[np.void], fits: bool) -> None:
         slots = self.slots_for(streams)
-        self.normalizer.restore_many(slots, rows["norm"])
+        n_norm = self.normalizer.snapshot_width
+        stats = rows["norm"]
+        self.normalizer.restore_many(slots, stats[:, :n_norm])
+        if stats.shape[1] == n_norm:
+            self.combiner.reset(slots)
+        else:
+            self.combiner.restore_rows(slots, stats[:, n_norm:])
         self.seq[slots] = rows["seq"]
         self.prev_forecast[slots] = rows["prev"]
         self.partition[slots] = rows["partition"]
@@ -463,5 +501,6 @@ class StateStore:
         """Bytes held by per-slot arrays (all capacity, not only live streams)."""
         tensors = sum(h.element_size() * h.nelement() for h in self.hidden)
         norm = sum(getattr(self.normalizer, f).nbytes for f in self.normalizer.FIELDS)
+        norm += sum(getattr(self.combiner, f).nbytes for f in self.combiner.FIELDS)
         slots = sum(getattr(self, name).nbytes for name in self._SLOT_ARRAYS)
         return int(tensors + norm + slots)

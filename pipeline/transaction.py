@@ -70,6 +70,11 @@ class _Pending:
     reasons: Counter[str] = field(default_factory=Counter)
     errors: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     resets: int = 0
+    # Per batch: forecast rows, then the combination figures of ForecastBatch (weight_sum,
+    # interval_scored, interval_covered, width_sum).
+    combination: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=list
+    )
     last: dict[str, object] = field(default_factory=dict)
 
 
@@ -222,6 +227,9 @@ class Transaction:
             pending.reasons[rej.reason.value] += 1
         if len(batch.error):
             pending.errors.append((batch.error, batch.persistence_error))
+        if len(batch):
+            pending.combination.append((len(batch), batch.weight_sum, batch.interval_scored,
+                                        batch.interval_covered, batch.width_sum))  # fmt: skip
         pending.resets += batch.resets
 
     # -- commit / abort -------------------------------------------------------------------------
@@ -299,6 +307,9 @@ class Transaction:
             metrics.STATE_RESETS.inc(pending.resets)
         for error, base in pending.errors:
             self.quality.observe(error, base)
+        members, groups = self.engine.members, self.engine.horizon_groups
+        for figures in pending.combination:
+            self.quality.observe_combination(members, groups, *figures)
         metrics.ACTIVE_STREAMS.set(len(self.engine.store))
         totals = self.totals
         totals.consumed += pending.records

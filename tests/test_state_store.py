@@ -59,7 +59,11 @@ def test_snapshot_decodes_to_what_was_stored(model_path: Path) -> None:
     slot = store.slot_of["s2"]
     assert (snap.partition, snap.offset, snap.seq) == (2, 72, 8)
     assert snap.prev_forecast == store.prev_forecast[slot]
-    assert snap.normalizer == store.normalizer.snapshot(slot)
+    width = store.normalizer.snapshot_width
+    assert snap.stats[:width] == store.normalizer.snapshot(slot)
+    combiner = store.combiner.snapshot_rows(np.array([slot]))[0]
+    assert snap.stats[width:] == combiner.tolist()
+    assert len(snap.stats) == width + store.combiner.snapshot_width
     hidden = np.frombuffer(snap.hidden, dtype=np.float32)
     np.testing.assert_array_equal(hidden, torch.cat([h[slot] for h in store.hidden]).numpy())
     assert snapshot_offset(blob) == 72
@@ -306,3 +310,27 @@ def test_bulk_snapshots_of_a_covariate_model_equal_one_by_one(tmp_path: Path) ->
     streams = ["s4", "s0", "s8"]
     assert engine.store.snapshots(streams) == [engine.store.snapshot(s) for s in streams]
     assert engine.store.snapshots([]) == []
+
+
+def test_a_version_1_snapshot_installs_with_a_fresh_combination(model_path: Path) -> None:
+    """Changelog values written before the combination existed (normalizer numbers only) still
+    restore the normalizer, hidden state and seq; the combination starts from its prior."""
+    source = fed_engine(model_path).store
+    slot = source.slot_of["s2"]
+    norm = source.normalizer.snapshot(slot)
+    hidden = b"".join(h[slot].numpy().tobytes() for h in source.hidden)
+    header = struct.pack("<BiqqdHH", 1, 2, 72, 8, 1.5, len(norm), sum(source.state_sizes))
+    v1 = header + struct.pack(f"<{len(norm)}d", *norm) + hidden
+    for install in ("bulk", "one"):
+        target = Engine(load_model(model_path), capacity=2).store
+        if install == "bulk":
+            assert target.install({"s2": v1}).installed == 1
+        else:
+            assert target.restore("s2", Snapshot.decode(v1))
+        t = target.slot_of["s2"]
+        assert target.normalizer.snapshot(t) == norm and target.seq[t] == 8
+        fresh = Engine(load_model(model_path), capacity=1).store.combiner.snapshot_rows(
+            np.array([0])
+        )
+        np.testing.assert_array_equal(target.combiner.snapshot_rows(np.array([t])), fresh)
+        assert Snapshot.decode(target.snapshot("s2")).stats[: len(norm)] == norm

@@ -69,12 +69,13 @@ def test_training_is_deterministic(trained: tuple[Path, Path], tmp_path: Path) -
 
 
 def test_engine_reproduces_training_forecasts(trained: tuple[Path, Path]) -> None:
-    """Train/serve parity: the serving engine, fed tick by tick, equals train.predict."""
+    """Train/serve parity: the serving engine's model forecast, fed tick by tick, equals
+    train.predict (what is served mixes it with cheap rules: test_combine, test_backtest)."""
     data, out = trained
     loaded = load_model(out)
     series = load_series(data)
     prepared = prepare(series, loaded.meta.normalizer, 4, 0)
-    engine = Engine(loaded)
+    engine = Engine(loaded, keep_model=True)
     for s, p in zip(series, prepared, strict=True):
         expected = predict(loaded.model, p)  # (T, H)
         src = Source("t", 0, 0)
@@ -83,7 +84,7 @@ def test_engine_reproduces_training_forecasts(trained: tuple[Path, Path]) -> Non
             for ts, v in zip(s.ts, s.values[:, 0], strict=True)
         ]
         got = np.concatenate(
-            [engine.process(ticks[i : i + 97]).forecast for i in range(0, len(ticks), 97)]
+            [engine.process(ticks[i : i + 97]).model_forecast for i in range(0, len(ticks), 97)]
         )
         scale = np.abs(s.values).mean()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale)

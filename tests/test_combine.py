@@ -1,0 +1,231 @@
+"""The per-stream combination and its intervals (pipeline/combine.py), driven without a model.
+
+The "model" member here is whatever the test hands in (a noisy oracle, or something bad), so the
+weights, the scoring rings and the interval calibration are checked against series whose best
+member is known. The engine-level tests (test_engine*, test_state_store) cover the same code
+inside the serving path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.combine import MEMBERS, CombineConfig, Combiner
+
+H = 24
+
+
+def scale_of(x: np.ndarray) -> np.ndarray:
+    """A stand-in for the normalizer's scale: EW RMS of the one-step change (before each tick)."""
+    out, dsq = np.zeros(len(x)), 0.0
+    for t in range(len(x)):
+        out[t] = math.sqrt(dsq) + 1e-12
+        if t:
+            dsq += 0.02 * ((x[t] - x[t - 1]) ** 2 - dsq)
+    return out
+
+
+def run(
+    x: np.ndarray, model: np.ndarray, config: CombineConfig, slot: int = 0, capacity: int = 1
+) -> tuple[np.ndarray, ...]:
+    """Step one stream through a Combiner; returns combined, lower, upper, weights (per tick)."""
+    comb = Combiner(config, model.shape[1], capacity)
+    sb = scale_of(x)
+    sa = np.r_[sb[1:], sb[-1]]
+    out = [np.zeros((len(x), model.shape[1])) for _ in range(3)]
+    weights = np.zeros((len(x), len(comb.members)))
+    slots = np.array([slot])
+    for t in range(len(x)):
+        c = comb.step(slots, x[t : t + 1], model[t : t + 1], sb[t : t + 1], sa[t : t + 1])
+        out[0][t], out[1][t], out[2][t], weights[t] = c.forecast, c.lower, c.upper, c.weights
+    return (*out, weights)
+
+
+def mae(forecast: np.ndarray, x: np.ndarray, h: int, start: int = 200) -> float:
+    t = np.arange(start, len(x) - h)
+    return float(np.mean(np.abs(forecast[t, h - 1] - x[t + h])))
+
+
+def coverage(lower: np.ndarray, upper: np.ndarray, x: np.ndarray, start: int = 300) -> float:
+    hits = []
+    for h in range(1, lower.shape[1] + 1):
+        t = np.arange(start, len(x) - h)
+        hits.append(np.mean((lower[t, h - 1] <= x[t + h]) & (x[t + h] <= upper[t, h - 1])))
+    return float(np.mean(hits))
+
+
+def future(x: np.ndarray, horizon: int) -> np.ndarray:
+    """(n, H) the true next values (NaN-free: the last value repeats past the end)."""
+    idx = np.minimum(np.arange(len(x))[:, None] + np.arange(1, horizon + 1), len(x) - 1)
+    return x[idx]
+
+
+def test_weights_go_to_the_member_that_is_right() -> None:
+    rng = np.random.default_rng(0)
+    n = 1500
+    line = 3.0 * np.arange(n) + rng.normal(0, 0.01, n)  # trend member is right
+    bad_model = np.repeat(line[:, None], H, axis=1) - 50.0
+    *_, w = run(line, bad_model, CombineConfig())
+    trend = MEMBERS.index("trend")
+    assert w[-1, trend] > 0.9 and w[-1, 0] < 0.01
+
+    walk = np.cumsum(rng.normal(0, 1, n))  # persistence (and damped) beat trend and a bad model
+    *_, w = run(walk, np.repeat(walk[:, None], H, axis=1) + 5.0, CombineConfig())
+    assert w[-200:, MEMBERS.index("trend")].mean() < 0.05
+    assert w[-200:, 0].mean() < 0.01
+
+    season = np.tile(rng.normal(0, 10, 24), n // 24 + 1)[:n] + rng.normal(0, 0.1, n)
+    *_, w = run(season, np.zeros((n, H)), CombineConfig(season=24))
+    assert w[-1, MEMBERS.index("seasonal")] > 0.9
+
+
+def test_a_good_model_keeps_its_weight_and_the_mix_is_no_worse_than_it() -> None:
+    rng = np.random.default_rng(1)
+    n = 2000
+    x = np.cumsum(rng.normal(0, 1, n)) + 5 * np.sin(np.arange(n) / 7)
+    oracle = future(x, H) + rng.normal(0, 0.3, (n, H))  # a noisy look at the truth
+    combined, *_, w = run(x, oracle, CombineConfig())
+    assert w[-500:, 0].mean() > 0.9
+    for h in (1, 6, 24):
+        assert mae(combined, x, h) <= 1.02 * mae(oracle, x, h)
+
+
+@pytest.mark.parametrize("kind", ["walk", "ar1_heavy_tails", "level_shifts", "heteroscedastic"])
+def test_intervals_hold_their_coverage(kind: str) -> None:
+    """80% intervals cover 77-83% of actuals pooled over steps, on series of several shapes."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    if kind == "walk":
+        x = np.cumsum(rng.normal(0, 1, n))
+    elif kind == "ar1_heavy_tails":
+        e, x = rng.standard_t(3, n), np.zeros(n)
+        for t in range(1, n):
+            x[t] = 0.9 * x[t - 1] + e[t]
+    elif kind == "level_shifts":
+        x = np.repeat(rng.normal(0, 20, n // 400), 400) + rng.normal(0, 1, n)
+    else:
+        x = np.cumsum(rng.normal(0, 1, n) * (1 + 4 * (np.arange(n) // 1000 % 2)))
+    model = np.repeat(x[:, None], H, axis=1)  # persistence as the "model"
+    _, lower, upper, _ = run(x, model, CombineConfig())
+    assert 0.77 <= coverage(lower, upper, x) <= 0.83
+    assert (lower <= upper).all()
+
+
+def test_model_alone_serves_the_model_unchanged() -> None:
+    rng = np.random.default_rng(3)
+    x = np.cumsum(rng.normal(0, 1, 300))
+    model = rng.normal(0, 1, (300, H))
+    combined, lower, upper, w = run(x, model, CombineConfig(members=("model",)))
+    np.testing.assert_array_equal(combined, model)
+    assert (w == 1).all() and (lower < combined).all() and (combined < upper).all()
+
+
+def test_unknown_member_is_refused() -> None:
+    with pytest.raises(ValueError, match="choose from"):
+        Combiner(CombineConfig(members=("model", "oracle")), H)
+
+
+@given(
+    values=st.lists(
+        st.floats(min_value=-1e308, max_value=1e308, allow_nan=False), min_size=1, max_size=60
+    ),
+    horizon=st.integers(1, 30),
+    season=st.sampled_from([0, 1, 3, 7]),
+)
+def test_any_finite_values_give_finite_ordered_outputs(
+    values: list[float], horizon: int, season: int
+) -> None:
+    """Values anywhere in float range (spikes near 1e308 included) never give NaN or inf, and
+    lower <= forecast <= upper."""
+    x = np.array(values)
+    model = np.repeat(x[:, None], horizon, axis=1)
+    comb = Combiner(CombineConfig(season=season), horizon, 2)
+    sb = np.abs(x) + 1.0
+    for t in range(len(x)):
+        c = comb.step(np.array([1]), x[t : t + 1], model[t : t + 1], sb[t : t + 1], sb[t : t + 1])
+        for a in (c.forecast, c.lower, c.upper, c.weights):
+            assert np.isfinite(a).all()
+        assert (c.lower <= c.forecast).all() and (c.forecast <= c.upper).all()
+        assert abs(float(c.weights.sum()) - 1.0) < 1e-6  # float32 weights
+    for name in Combiner.FIELDS:
+        assert np.isfinite(getattr(comb, name)).all(), name
+
+
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=2, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_streams_are_combined_independently(lengths: list[int], seed: int) -> None:
+    """Stepping streams in waves together equals stepping each alone, bit for bit, and the
+    state moves between stores through snapshot rows."""
+    rng = np.random.default_rng(seed)
+    series = [np.cumsum(rng.normal(0, 1, n)) for n in lengths]
+    models = [rng.normal(0, 1, (n, 6)) for n in lengths]
+    config = CombineConfig(season=3)
+    together = Combiner(config, 6, len(series))
+    got: list[list[np.ndarray]] = [[] for _ in series]
+    for t in range(max(lengths)):
+        live = np.array([i for i, s in enumerate(series) if t < len(s)])
+        if not len(live):
+            continue
+        x = np.array([series[i][t] for i in live])
+        m = np.stack([models[i][t] for i in live])
+        c = together.step(live, x, m, np.abs(x) + 1, np.abs(x) + 1)
+        for j, i in enumerate(live.tolist()):
+            got[i].append(c.forecast[j])
+    for i, s in enumerate(series):
+        alone = Combiner(config, 6, 1)
+        for t in range(len(s)):
+            one = np.array([s[t]])
+            c = alone.step(
+                np.array([0]), one, models[i][t : t + 1], np.abs(one) + 1, np.abs(one) + 1
+            )
+            np.testing.assert_array_equal(c.forecast[0], got[i][t])
+        moved = Combiner(config, 6, 3)
+        moved.restore_rows(np.array([2]), together.snapshot_rows(np.array([i])))
+        np.testing.assert_array_equal(
+            moved.snapshot_rows(np.array([2])), alone.snapshot_rows(np.array([0]))
+        )
+
+
+@given(
+    before=st.integers(25, 60),
+    length=st.integers(1, 80),
+    season=st.sampled_from([0, 4, 24]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_run_equals_its_steps(before: int, length: int, season: int, seed: int) -> None:
+    """Combiner.run (the engine's hot streams) gives what one step per tick gives, forecasts,
+    bounds, weights, judgments and the state after, up to float rounding."""
+    rng = np.random.default_rng(seed)
+    n = before + length
+    x = np.cumsum(rng.normal(0, 1, n)) + 3 * np.sin(np.arange(n) / 3)
+    model = x[:, None] + rng.normal(0, 1, (n, 8))
+    sb = 0.5 + rng.random(n)
+    sa = 0.5 + rng.random(n)
+    config = CombineConfig(season=season)
+    a, b = Combiner(config, 8, 2), Combiner(config, 8, 2)
+    for c in (a, b):
+        for t in range(before):
+            c.step(np.array([1]), x[t : t + 1], model[t : t + 1], sb[t : t + 1], sa[t : t + 1])
+    assert a.can_run(1)
+    seq = slice(before, n)
+    got = a.run(1, x[seq], model[seq], sb[seq], sa[seq])
+    assert got is not None
+    steps = [
+        b.step(np.array([1]), x[t : t + 1], model[t : t + 1], sb[t : t + 1], sa[t : t + 1])
+        for t in range(before, n)
+    ]
+    for field in ("forecast", "lower", "upper", "weights", "q"):
+        want = np.concatenate([getattr(s, field) for s in steps])
+        np.testing.assert_allclose(getattr(got, field), want, rtol=1e-6, atol=1e-9, err_msg=field)
+    np.testing.assert_array_equal(got.scored, sum(s.scored for s in steps))
+    np.testing.assert_array_equal(got.covered, sum(s.covered for s in steps))
+    np.testing.assert_allclose(
+        a.snapshot_rows(np.array([1])), b.snapshot_rows(np.array([1])), rtol=1e-9, atol=1e-12
+    )

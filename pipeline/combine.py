@@ -158,7 +158,7 @@ class Combiner:
         after this tick (the normalizer's). All finite.
         """
         n = self.ticks[slots]  # (N,) ticks before this one = this tick's index
-        cells = self._ring_cells(slots, n)  # read r_g ticks after they were written
+        cells = self._ring_rows(slots, n)  # read r_g ticks after they were written
         scored, covered = self._score(slots, n, x, scale_before, cells)
 
         length = self.length
@@ -187,7 +187,7 @@ class Combiner:
 
         at_rep = self.reps - 1
         issued = np.stack([model[:, at_rep], combined[:, at_rep], half[:, at_rep]], axis=-1)
-        np.put(self.rings.reshape(-1), cells, issued)
+        self.rings.reshape(-1, 3)[cells] = issued
         self.ticks[slots] = n + 1
         return Combined(combined, lower, upper, weights[:, 0, :], scored, covered, q)
 
@@ -277,13 +277,12 @@ class Combiner:
             hits[g] = hit
         return out, hits
 
-    def _ring_cells(self, slots: I64, n: I64) -> I64:
-        """(N, G, 3) flat indices into ``rings`` of the position tick ``n`` writes for each
-        group, which holds what tick ``n - r_g`` wrote."""
+    def _ring_rows(self, slots: I64, n: I64) -> I64:
+        """(N, G) rows of ``rings`` seen as (capacity * R, 3): the position tick ``n`` writes for
+        each group, which holds what tick ``n - r_g`` wrote."""
         pos = self.offsets[None, :] + n[:, None] % self.reps[None, :]  # (N, G)
-        base = (slots[:, None] * self.rings.shape[1] + pos) * 3
-        cells: I64 = base[:, :, None] + np.arange(3)
-        return cells
+        rows: I64 = slots[:, None] * self.rings.shape[1] + pos
+        return rows
 
     def _by_step(self, per_group: npt.NDArray[np.floating[Any]]) -> F64:
         """(N, G) -> (N, H) float64: each step takes its group's column."""
@@ -373,7 +372,7 @@ class Combiner:
         if not valid.any():
             zero = np.zeros(len(reps), dtype=np.int64)
             return zero, zero.copy()
-        issued = np.take(self.rings.reshape(-1), cells)  # (N, G, 3)
+        issued = np.take(self.rings.reshape(-1, 3), cells, axis=0)  # (N, G, 3)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # clipped below
             forecasts = self._past_members(slots, n, k, issued[:, :, self.MODEL])  # (N, G, M)
             score = np.abs(x[:, None, None] - forecasts)

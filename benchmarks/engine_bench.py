@@ -398,6 +398,34 @@ def _daemon_threads() -> int | None:
     return int(value) if value else None
 
 
+def bench_combination(loaded: LoadedModel, n_streams: int, cfg: EngineConfig) -> dict[str, Any]:
+    """The served mix and its bounds against the model alone (``forecast.combine: false``):
+    the same batches through both engines, alternating, uniform and skewed."""
+    out: dict[str, Any] = {"streams": n_streams}
+    for kind in ("uniform", "skewed"):
+        engines = {"on": Engine(loaded), "off": Engine(loaded, combining=False)}
+        work = Workload(n_streams, seed=n_streams + 2)
+        rates: dict[str, list[float]] = {"on": [], "off": []}
+        for i in range(cfg.warm_batches + cfg.repeats):
+            ticks = work.batch(cfg.ticks_per_stream) if kind == "uniform" else None
+            batch = TickBatch.from_ticks(ticks or skewed_batch(work, n_streams))
+            if i < cfg.warm_batches:
+                for engine in engines.values():
+                    engine.process(batch)
+                continue
+            for name, engine in engines.items():
+                t0 = time.perf_counter()
+                engine.process(batch)
+                rates[name].append(len(batch) / (time.perf_counter() - t0))
+        ratios = [a / b for a, b in zip(rates["on"], rates["off"], strict=True)]
+        out[kind] = {
+            "on": spread(rates["on"]),
+            "off": spread(rates["off"]),
+            "ratio": spread(ratios),
+        }
+    return out
+
+
 def run(cfg: EngineConfig) -> dict[str, Any]:
     loaded = load_model(None)
     mc = loaded.model.config
@@ -419,6 +447,7 @@ def run(cfg: EngineConfig) -> dict[str, Any]:
     result["engine"] = [bench_engine_scale(loaded, n, cfg) for n in cfg.scales]
     result["engine_1_thread"] = bench_threads(loaded, cfg.breakdown_streams, cfg)
     result["engine_skewed"] = bench_engine_skewed(loaded, cfg.breakdown_streams, cfg)
+    result["combination"] = bench_combination(loaded, cfg.breakdown_streams, cfg)
     result["breakdown"] = bench_breakdown(loaded, cfg.breakdown_streams, cfg)
     result["codec"] = bench_codec(cfg)
     base = result["per_tick"]["ticks_per_s"]["median"]
@@ -440,6 +469,11 @@ def run(cfg: EngineConfig) -> dict[str, Any]:
             "target": 50,
             "value": at10k["ratio_vs_per_tick"] if at10k else None,
             "met": at10k["ratio_vs_per_tick"] >= 50 if at10k else None,
+        },
+        "combination_ratio_at_10k": {
+            "target": 0.85,
+            "value": result["combination"]["uniform"]["ratio"]["median"],
+            "met": result["combination"]["uniform"]["ratio"]["median"] >= 0.85,
         },
     }
     return result
@@ -524,6 +558,16 @@ def render(r: dict[str, Any]) -> str:
         f"{verdict(t['engine_skewed_ticks_per_s_at_10k']['met'])}; engine/per-tick >= 50x: "
         f"{fmt_ratio(t['ratio_vs_per_tick_at_10k']['value'] or float('nan'))} "
         f"{verdict(t['ratio_vs_per_tick_at_10k']['met'])}"
+    )
+    c = r["combination"]
+    lines.append(
+        f"served mix + bounds vs model alone (forecast.combine: false), same batches, "
+        f"{c['streams']:,} streams: uniform {fmt_rate(c['uniform']['on']['median'])} vs "
+        f"{fmt_rate(c['uniform']['off']['median'])} ticks/s = "
+        f"{c['uniform']['ratio']['median']:.2f}x (target >= 0.85x: "
+        f"{verdict(t['combination_ratio_at_10k']['met'])}); skewed "
+        f"{fmt_rate(c['skewed']['on']['median'])} vs {fmt_rate(c['skewed']['off']['median'])} = "
+        f"{c['skewed']['ratio']['median']:.2f}x"
     )
     b = r["breakdown"]
     lines.append("")

@@ -129,6 +129,9 @@ class ForecastSettings(_Section):
     """How the served forecast is made from the model (``pipeline/combine.py``): mixed per stream
     with cheap members by their recent errors, with calibrated interval bounds."""
 
+    # False: serve the network's forecast alone, without lower/upper bounds (the engine's
+    # fastest path; the combination costs about a third of the engine's throughput, README).
+    combine: bool = True
     # Members mixed with the model: any of model, persistence, damped, trend, seasonal.
     # [model] alone serves the network's forecast unchanged (intervals still come with it).
     members: tuple[Literal["model", "persistence", "damped", "trend", "seasonal"], ...] = (

@@ -51,6 +51,7 @@ class Daemon:
             loaded,
             late_policy=settings.input.late_policy,
             combine=settings.forecast.combine_config(),
+            combining=settings.forecast.combine,
         )
         self.quality = Quality()
         self.health = metrics.Health()

@@ -120,12 +120,15 @@ class _Outputs:
     sequences: int = 0
 
     @classmethod
-    def empty(cls, n: int, horizon: int, combiner: Combiner, keep_model: bool) -> _Outputs:
+    def empty(
+        cls, n: int, horizon: int, combiner: Combiner, keep_model: bool, bounds: bool
+    ) -> _Outputs:
         z = np.zeros(n, dtype=bool)
         f = np.zeros((n, horizon))
         kept = f.copy() if keep_model else np.zeros((0, horizon))
+        lower, upper = (f.copy(), f.copy()) if bounds else (f[:0], f[:0])
         g = np.zeros(len(combiner.reps), dtype=np.int64)
-        return cls(np.zeros(n, dtype=np.int64), f, f.copy(), f.copy(), kept, z, z.copy(),
+        return cls(np.zeros(n, dtype=np.int64), f, lower, upper, kept, z, z.copy(),
                    z.copy(), np.zeros(len(combiner.members)), g, g.copy(),
                    np.zeros(len(combiner.reps)))  # fmt: skip
 
@@ -134,7 +137,8 @@ class _Outputs:
         self.forecast[rows] = combined.forecast
         if len(self.model_forecast):
             self.model_forecast[rows] = model
-        self.lower[rows], self.upper[rows] = combined.lower, combined.upper
+        if len(self.lower):
+            self.lower[rows], self.upper[rows] = combined.lower, combined.upper
         self.weight_sum += combined.weights.sum(axis=0)
         self.interval_scored += combined.scored
         self.interval_covered += combined.covered
@@ -151,8 +155,11 @@ class Engine:
         late_policy: LatePolicy = "accept",
         combine: CombineConfig | None = None,
         keep_model: bool = False,
+        combining: bool = True,
     ) -> None:
         self.late_policy = late_policy
+        # False: serve the model's forecast alone, without bounds (forecast.combine: false).
+        self.combining = combining
         self.keep_model = keep_model  # also return the model's own forecast (backtests)
         self.model = loaded.model.eval()
         self.meta = loaded.meta
@@ -235,7 +242,9 @@ class Engine:
         if n == 0:
             empty = np.zeros(0, dtype=np.int64)
             return ForecastBatch(batch, empty, empty, np.zeros((0, self.horizon)), empty > 0)
-        out = _Outputs.empty(n, self.horizon, self.store.combiner, self.keep_model)
+        out = _Outputs.empty(
+            n, self.horizon, self.store.combiner, self.keep_model, bounds=self.combining
+        )
         rank, streams, stream_index = _rank_by_stream(batch.stream)
         slot_of = self.store.slot_of
         known = np.fromiter((s in slot_of for s in streams), dtype=bool, count=len(streams))
@@ -427,6 +436,9 @@ class Engine:
         """The combination over a hot stream's run: at once when the stream is old enough
         (:meth:`Combiner.run`), else tick by tick. Returns the combined forecasts (L, H)."""
         combiner, scale = self.store.combiner, run.step.scale
+        if not self.combining:
+            out.put(rows, self._model_only(model), model)
+            return model
         if combiner.can_run(slot):
             combined = combiner.run(slot, target, model, scale_before, scale)
             if combined is not None:
@@ -440,6 +452,16 @@ class Engine:
             out.put(rows[i : i + 1], c, model[i : i + 1])
             forecast[i] = c.forecast[0]
         return forecast
+
+    def _model_only(self, forecast: F64) -> Combined:
+        """The model's forecast as the served one: no bounds, no weights, nothing judged."""
+        combiner = self.store.combiner
+        zero = np.zeros(len(combiner.reps), dtype=np.int64)
+        return Combined(
+            forecast, forecast[:0], forecast[:0],
+            np.zeros((len(forecast), len(combiner.members)), dtype=np.float32), zero, zero,
+            np.zeros((len(forecast), len(combiner.reps))),
+        )  # fmt: skip
 
     def _run_scale_before(self, slot: int, run: NormalizedRun) -> F64:
         """(L,) :meth:`_scale` before each tick of a run."""
@@ -548,7 +570,11 @@ class Engine:
         if bad:
             scale = np.where(np.isfinite(scale), scale, 0.0)
             scale_before = np.where(np.isfinite(scale_before), scale_before, 0.0)
-        combined = store.combiner.step(slots, values[:, self.target], forecast, scale_before, scale)
+        if self.combining:
+            target = values[:, self.target]
+            combined = store.combiner.step(slots, target, forecast, scale_before, scale)
+        else:
+            combined = self._model_only(forecast)
         store.prev_forecast[slots] = combined.forecast[:, 0]
         return (combined, forecast, norm.warm), bad
 

@@ -307,9 +307,10 @@ class Transaction:
             metrics.STATE_RESETS.inc(pending.resets)
         for error, base in pending.errors:
             self.quality.observe(error, base)
-        members, groups = self.engine.members, self.engine.horizon_groups
-        for figures in pending.combination:
-            self.quality.observe_combination(members, groups, *figures)
+        if self.engine.combining:
+            members, groups = self.engine.members, self.engine.horizon_groups
+            for figures in pending.combination:
+                self.quality.observe_combination(members, groups, *figures)
         metrics.ACTIVE_STREAMS.set(len(self.engine.store))
         totals = self.totals
         totals.consumed += pending.records

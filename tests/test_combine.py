@@ -16,6 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.combine import MEMBERS, CombineConfig, Combiner
+from pipeline.engine import Engine
+from pipeline.messages import ForecastEncoder, Source, Tick
+from pipeline.model import load_model
 
 H = 24
 
@@ -229,3 +232,23 @@ def test_a_run_equals_its_steps(before: int, length: int, season: int, seed: int
     np.testing.assert_allclose(
         a.snapshot_rows(np.array([1])), b.snapshot_rows(np.array([1])), rtol=1e-9, atol=1e-12
     )
+
+
+def test_combine_off_serves_the_model_alone_without_bounds() -> None:
+    """forecast.combine: false: the served forecast is the model's, and records carry no
+    lower/upper; on: the same ticks get bounds around a mixed forecast."""
+    loaded = load_model(None)
+    ticks = [
+        Tick(f"s{i % 3}", 1.7e9 + t, (20.0 + math.sin(t / 5) + i,), Source("t", 0, t, 0))
+        for t in range(60)
+        for i in range(3)
+    ]
+    off = Engine(loaded, keep_model=True, combining=False).process(ticks)
+    np.testing.assert_array_equal(off.forecast, off.model_forecast)
+    assert off.lower.size == 0 and off.upper.size == 0
+    on = Engine(loaded, keep_model=True).process(ticks)
+    np.testing.assert_allclose(on.model_forecast, off.model_forecast, rtol=1e-6)
+    assert on.lower.shape == on.forecast.shape and (on.lower <= on.forecast).all()
+    assert not np.array_equal(on.forecast, on.model_forecast)
+    record = ForecastEncoder().encode(["s0"], [1.0], [1], off.forecast[:1].tolist(), "m", [True])
+    assert b"lower" not in record[0]

@@ -262,6 +262,7 @@ def naive_scale(actual: F64, start: int) -> float:
 @dataclass
 class BacktestOptions:
     season: int = 24  # of the seasonal baselines and of the combination's seasonal member
+    combine: CombineConfig | None = None  # the combination's settings (default: the daemon's)
     baselines: tuple[str, ...] = BASELINES
     snarimax_order: tuple[int, ...] = (2, 1, 1, 1, 0, 1)
     holt_winters: tuple[float, ...] = (0.5, 0.01, 0.05)
@@ -275,7 +276,7 @@ def backtest(
     horizon = loaded.model.config.horizon
     target = loaded.meta.target if loaded.meta.target in series[0].features else None
     started = time.monotonic()
-    combine = CombineConfig(season=opts.season)
+    combine = replace(opts.combine or CombineConfig(), season=opts.season)
     forecasts = engine_forecasts(loaded, series, combine=combine)
     engine_seconds = time.monotonic() - started
     methods = ["combined", "model", *opts.baselines]

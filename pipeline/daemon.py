@@ -328,13 +328,27 @@ class Daemon:
         t = self.totals
         last = " ".join(f"{k}={v}" for k, v in t.last.items())
         log.info(
-            "event=progress consumed=%d forecasts=%d dead_letters=%d streams=%d last_forecast: %s",
+            "event=progress consumed=%d forecasts=%d dead_letters=%d streams=%d %s"
+            "last_forecast: %s",
             t.consumed,
             t.forecasts,
             t.dead_letters,
             len(self.engine.store),
+            self._quality_summary(),
             last or "none",
         )
+
+    def _quality_summary(self) -> str:
+        """``skill=`` (recent served MAE / last-value MAE: below 1, the forecaster helps) and
+        ``coverage=`` (recent share of actuals inside the step-1 bounds), once known."""
+        q = self.quality
+        parts = []
+        if q.mae is not None and q.base:
+            parts.append(f"skill={q.mae / q.base:.3f}")
+        first = q.coverage.get("1")  # the first horizon group: step 1
+        if first is not None:
+            parts.append(f"coverage={first:.2f}")
+        return "".join(p + " " for p in parts)
 
     def _on_assigned(self, partitions: list[int]) -> None:
         """Pause ``partitions`` until their streams' state is restored (by the loop).

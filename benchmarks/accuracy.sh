@@ -42,14 +42,14 @@ BJ=(--data "$D/beijing_air_quality_12stations.csv.gz" --format long --stream-col
     --time-col year,month,day,hour --target PM2.5 --features PM2.5,PM10,TEMP,DEWP,WSPM,PRES)
 $P train "${BJ[@]}" "${COMMON[@]}" --calendar --lr 5e-4 --epochs 10 --patience 4 \
   --name beijing-pm25 --out "$O/beijing.pt"
-$P backtest "${BJ[@]}" --model "$O/beijing.pt" --season 24 --out "$O/beijing.json"
+$P backtest "${BJ[@]}" --model "$O/beijing.pt" --season 24 --out "$O/backtest-beijing.json"
 
 # US stocks: close price, log-return target, forecasts in price units.
 ST=(--data "$D/us_stocks_1min_2024_10symbols.csv.gz" --format long --stream-col symbol
     --time-col timestamp --target close)
 $P train "${ST[@]}" "${COMMON[@]}" --target-transform log --epochs 8 --name stocks-close \
   --out "$O/stocks.pt"
-$P backtest "${ST[@]}" --model "$O/stocks.pt" --season 390 --out "$O/stocks.json"
+$P backtest "${ST[@]}" --model "$O/stocks.pt" --season 390 --out "$O/backtest-stocks.json"
 
 # Linear references for the missed targets (README: "Are the missed targets within reach?").
 LB=(${PYTHON:-.venv/bin/python} -m benchmarks.linear_bound)

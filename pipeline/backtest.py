@@ -499,6 +499,12 @@ def backtest_main(args: argparse.Namespace) -> int:
     )
     split = parse_split(args.split) if args.split else None  # errors before any model loads
     models = args.models or [None]
+    for path in args.models or []:
+        if args.out.resolve() == Path(path).with_suffix(".json").resolve():
+            raise DataError(
+                f"--out {args.out} would overwrite the metadata of the model {path}; "
+                "write the report elsewhere (e.g. --out backtest.json)"
+            )
     reports = []
     for i, path in enumerate(models):
         loaded = load_model(path)

@@ -255,6 +255,18 @@ def test_missing_values_in_live_ticks_match_the_training_rules(small_model: Path
     np.testing.assert_allclose(served, expected, rtol=2e-6, atol=2e-5)
 
 
+def test_backtest_refuses_to_overwrite_the_model_metadata(
+    small_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out next to the model (m.pt -> m.json) would replace the model's metadata with the report
+    and leave a model that no longer loads."""
+    argv = ["backtest", *BEIJING, "--model", str(small_model),
+            "--out", str(small_model.with_suffix(".json"))]  # fmt: skip
+    assert main(argv) != 0
+    assert "would overwrite the metadata" in capsys.readouterr().err
+    load_model(small_model)  # still loads
+
+
 @pytest.mark.parametrize(
     ("extra", "names"),
     [

@@ -102,7 +102,7 @@ def test_parity_holds_for_a_split_by_durations(tmp_path: Path) -> None:
             "--threads", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     trained = load_model(out).meta.metrics["test"]["series"]
-    report_path = tmp_path / "days.json"
+    report_path = tmp_path / "days-report.json"  # days.json is the model's metadata
     argv = ["backtest", *BEIJING, "--model", str(out), "--baselines", "persistence",
             "--out", str(report_path)]  # fmt: skip
     assert main(argv) == 0

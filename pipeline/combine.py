@@ -118,7 +118,10 @@ class Combiner:
         self.reps: I64 = np.array(
             [round(math.sqrt(a * b)) for a, b in zip(starts, ends, strict=True)], dtype=np.int64
         )
-        self.group_of_step: I64 = np.repeat(np.arange(len(starts)), self._group_sizes)
+        # "1", "2-4", ...: the groups' steps, for metric labels
+        self.group_labels = [
+            str(a) if a == b else f"{a}-{b}" for a, b in zip(starts, ends, strict=True)
+        ]
         m, r_max = config.season, int(self.reps.max())
         self.length = max(r_max + 2, m * math.ceil(r_max / m) if m > 1 else 0, m)
         phi = config.damping

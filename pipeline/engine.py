@@ -184,13 +184,7 @@ class Engine:
     @property
     def horizon_groups(self) -> list[str]:
         """Labels of the horizon groups (``"1"``, ``"2-4"``, ...), as in ``interval_scored``."""
-        combiner = self.store.combiner
-        labels = []
-        for g in range(len(combiner.reps)):
-            steps = np.flatnonzero(combiner.group_of_step == g) + 1
-            first, last = int(steps[0]), int(steps[-1])
-            labels.append(str(first) if first == last else f"{first}-{last}")
-        return labels
+        return self.store.combiner.group_labels
 
     @property
     def version(self) -> str:

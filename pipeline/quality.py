@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from prometheus_client import Gauge
 from river import drift
 
 from pipeline import metrics
@@ -79,7 +80,7 @@ class Quality:
             _ew_set(self.coverage, label, int(covered[g]) / n, metrics.INTERVAL_COVERAGE)
 
 
-def _ew_set(recent: dict[str, float], label: str, value: float, gauge: object) -> None:
+def _ew_set(recent: dict[str, float], label: str, value: float, gauge: Gauge) -> None:
     old = recent.get(label)
     recent[label] = value if old is None else old + EW_ALPHA * (value - old)
-    gauge.labels(label).set(recent[label])  # type: ignore[attr-defined]
+    gauge.labels(label).set(recent[label])

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline import combine_kernel
 from pipeline.normalize import F64, I64, ew_mean, grow_rows, put_rows
 
 MEMBERS = ("model", "persistence", "damped", "trend", "seasonal")
@@ -129,8 +130,17 @@ class Combiner:
         self._steps = steps
         self._damped = phi * (1 - phi**steps) / (1 - phi) if phi != 1 else steps  # c_h, (H,)
         self._sqrt_steps = np.sqrt(steps)
-        self._q_lo, self._q_hi, self._q_frac = _log_interpolation(self.reps, horizon)
+        lo, hi, frac = _log_interpolation(self.reps, horizon)
+        # half-width per step = (q * scale) @ this: the interpolation weights times sqrt(h)
+        # (one small matmul; gathering two columns per step cost ~20x more)
+        self._widen = np.zeros((len(self.reps), horizon))
+        np.add.at(self._widen, (lo, np.arange(horizon)), (1.0 - frac) * self._sqrt_steps)
+        np.add.at(self._widen, (hi, np.arange(horizon)), frac * self._sqrt_steps)
         self.offsets: I64 = np.concatenate([[0], np.cumsum(self.reps)[:-1]]).astype(np.int64)
+        self._codes: I64 = np.array([MEMBERS.index(m) for m in self.members], dtype=np.int64)
+        self._group_of_step: I64 = np.repeat(np.arange(len(self.reps)), self._group_sizes)
+        # The compiled step (numba) when it is installed; tests switch it off to compare.
+        self.compiled = combine_kernel.AVAILABLE
         self._q_up = math.exp(config.rate * config.level)  # after a miss
         self._q_down = math.exp(-config.rate * (1.0 - config.level))  # after a hit
         g = len(self.reps)
@@ -139,6 +149,10 @@ class Combiner:
         self.rings: F64 = np.zeros((capacity, int(self.reps.sum()), 3))
         self.loss: F64 = np.zeros((capacity, g, len(self.members)))
         self.q: F64 = np.full((capacity, g), PRIOR_Q)
+        if self.compiled:  # compile (~3 s once per machine, then ~0.3 s from numba's cache) now,
+            empty = np.zeros(0)  # not in the first wave of ticks
+            self._step_compiled(np.zeros(0, dtype=np.int64), empty, np.zeros((0, horizon)),
+                                empty, empty)  # fmt: skip
 
     @property
     def capacity(self) -> int:
@@ -163,8 +177,34 @@ class Combiner:
 
         ``slots`` (N,) distinct; ``x`` (N,) the target value; ``model`` (N, H) the model's
         forecast made at this tick; ``scale_before``/``scale`` (N,) the stream's scale before and
-        after this tick (the normalizer's). All finite.
+        after this tick (the normalizer's). All finite. Runs the compiled kernel
+        (:mod:`pipeline.combine_kernel`) unless ``compiled`` is off or numba is missing.
         """
+        if self.compiled:
+            return self._step_compiled(slots, x, model, scale_before, scale)
+        return self.step_numpy(slots, x, model, scale_before, scale)
+
+    def _step_compiled(
+        self, slots: I64, x: F64, model: F64, scale_before: F64, scale: F64
+    ) -> Combined:
+        n_rows, g, m = len(slots), len(self.reps), len(self.members)
+        f64 = np.float64
+        out = [np.empty((n_rows, self.horizon)) for _ in range(3)]
+        weights0, q = np.empty((n_rows, m), dtype=np.float32), np.empty((n_rows, g))
+        scored, covered = np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64)
+        combine_kernel.step(
+            np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(x, dtype=f64),
+            np.ascontiguousarray(model, dtype=f64), np.ascontiguousarray(scale_before, dtype=f64),
+            np.ascontiguousarray(scale, dtype=f64),
+            self.ticks, self.history, self.rings, self.loss, self.q,
+            self.reps, self.offsets, self._codes, self._damped, self._group_of_step, self._widen,
+            self.config.season, self.config.discount, self.config.eta, self._q_up, self._q_down,
+            FIRST_JUDGED, MAX_SCORE, *out, weights0, q, scored, covered,
+        )  # fmt: skip
+        return Combined(out[0], out[1], out[2], weights0, scored, covered, q)
+
+    def step_numpy(self, slots: I64, x: F64, model: F64, scale_before: F64, scale: F64) -> Combined:
+        """:meth:`step` in numpy: the reference the compiled kernel is tested against."""
         n = self.ticks[slots]  # (N,) ticks before this one = this tick's index
         cells = self._ring_rows(slots, n)  # read r_g ticks after they were written
         scored, covered = self._score(slots, n, x, scale_before, cells)
@@ -293,9 +333,7 @@ class Combiner:
     def _half_widths(self, q: F64, scale: F64) -> F64:
         """(N, H) half-widths: q interpolated from the groups' representative steps to every
         step (exactly q[g] at step r_g), times scale * sqrt(h)."""
-        unit = q * scale[:, None]  # (N, G)
-        half: F64 = unit[:, self._q_lo] * (1.0 - self._q_frac) + unit[:, self._q_hi] * self._q_frac
-        half *= self._sqrt_steps
+        half: F64 = (q * scale[:, None]) @ self._widen  # (N, G) @ (G, H)
         return half
 
     def _by_step(self, per_group: npt.NDArray[np.floating[Any]]) -> F64:

@@ -31,7 +31,16 @@ BEIJING_FILE = "beijing_air_quality_12stations.csv.gz"
 BEIJING_VARIABLES = ("PM2.5", "PM10", "O3", "TEMP", "PRES", "DEWP")
 STOCKS_FILE = "us_stocks_1min_2024_10symbols.csv.gz"
 FRACTION_SPLIT = "0.6,0.2"
-SEASONS = (7, 12, 24, 48, 60, 96, 168)  # ticks: week of days, hours, half-hours, minutes, ...
+SEASONS = (7, 12, 24, 48, 60, 96, 168)
+# Share of each source in the lanes an epoch draws (``--lanes-per-epoch``). By ticks alone Beijing
+# would be 40% and ETT 16%; with these the ETT channels keep the weight the earlier ETT-only
+# default had (its ETTm rows got worse when they were diluted: decisions.md #22).
+SOURCE_SHARES = {
+    "ETT": 0.4,
+    "beijing": 0.2,
+    "stocks": 0.05,
+    "synthetic": 0.35,
+}  # ticks: week of days, hours, half-hours, minutes, ...
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,17 @@ def broad_corpus(
         s = Series(f"synthetic.{i:04d}.{family}", ts, values[:, None], ["value"])
         out.append(_with_split(s, fractions, f"synthetic:{family}"))
     return out
+
+
+def source_weights(corpus: list[CorpusSeries]) -> list[float]:
+    """Per series, the weight of each of its training lanes: its source's share
+    (SOURCE_SHARES) over the source's training ticks, so that the sources get their shares and
+    within a source every lane is equally likely."""
+    kind = [c.source.split(":")[0] for c in corpus]
+    ticks: dict[str, int] = {}
+    for c, k in zip(corpus, kind, strict=True):
+        ticks[k] = ticks.get(k, 0) + c.split.train_end
+    return [SOURCE_SHARES[k] / max(ticks[k], 1) for k in kind]
 
 
 def _need(data_dir: Path, name: str) -> Path:

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.corpus import BEIJING_FILE, ETT_FILES, ETT_SPLIT, STOCKS_FILE, broad_corpus
+from pipeline.corpus import (
+    BEIJING_FILE,
+    ETT_FILES,
+    ETT_SPLIT,
+    STOCKS_FILE,
+    broad_corpus,
+    source_weights,
+)
 from pipeline.dataset import (
     DEFAULT_SPLIT,
     Series,
@@ -101,10 +108,11 @@ def _targets(actual: F64, last: F64, scale: F64, horizon: int) -> F32:
 
 def _lanes(
     prepared: list[Prepared], splits: list[Split], seg: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Cut every training part into ``seg``-tick lanes: x (L, seg, I), y (L, seg, H), mask."""
-    xs, ys, ms = [], [], []
-    for p, sp in zip(prepared, splits, strict=True):
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cut every training part into ``seg``-tick lanes: x (L, seg, I), y (L, seg, H), mask,
+    and each lane's series index (L,)."""
+    xs, ys, ms, owner = [], [], [], []
+    for index, (p, sp) in enumerate(zip(prepared, splits, strict=True)):
         end = sp.train_end
         y = p.targets[:end].copy()
         for h in range(y.shape[1]):  # no target may look into the validation part
@@ -116,12 +124,13 @@ def _lanes(
             x_l[: stop - start], y_l[: stop - start] = p.inputs[start:stop], y[start:stop]
             xs.append(x_l)
             ys.append(y_l)
+            owner.append(index)
             m = ~np.isnan(y_l)
             if start > 0:
                 m[:BURN_IN] = False  # lanes cut mid-series start from a cold hidden state
             ms.append(m)
     x, y_all, keep = (torch.from_numpy(np.stack(a)) for a in (xs, ys, ms))
-    return x, torch.nan_to_num(y_all), keep
+    return x, torch.nan_to_num(y_all), keep, torch.tensor(owner)
 
 
 BURN_IN = 32
@@ -160,11 +169,20 @@ def fit(
     splits: list[Split],
     cfg: TrainConfig,
     progress: bool = True,
+    series_weights: list[float] | None = None,
 ) -> dict[str, list[float]]:
-    """Train in place; returns per-epoch train and validation loss; keeps the best weights."""
+    """Train in place; returns per-epoch train and validation loss; keeps the best weights.
+
+    With ``series_weights`` (one per series) and ``cfg.lanes_per_epoch``, an epoch's lanes are
+    drawn with probability proportional to their series' weight (without replacement);
+    otherwise uniformly.
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x, y, mask = _lanes(prepared, splits, cfg.segment)
+    x, y, mask, owner = _lanes(prepared, splits, cfg.segment)
+    lane_weights = None
+    if series_weights is not None and cfg.lanes_per_epoch:
+        lane_weights = torch.tensor(series_weights, dtype=torch.float64)[owner]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_fn = _loss_fn(cfg.loss)
     history: dict[str, list[float]] = {"train": [], "val": []}
@@ -172,7 +190,11 @@ def fit(
     for epoch in range(cfg.epochs):
         started = time.monotonic()
         model.train()
-        order = torch.randperm(x.shape[0], generator=gen)[: cfg.lanes_per_epoch]
+        if lane_weights is not None:
+            draw = min(cfg.lanes_per_epoch or x.shape[0], x.shape[0])
+            order = torch.multinomial(lane_weights, draw, replacement=False, generator=gen)
+        else:
+            order = torch.randperm(x.shape[0], generator=gen)[: cfg.lanes_per_epoch]
         total, count = 0.0, 0
         groups = torch.split(order, cfg.batch_lanes)
         for gi, group in enumerate(groups):
@@ -367,7 +389,7 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    series, splits, spec, sources = _training_series(args)
+    series, splits, spec, sources, weights = _training_series(args)
     feature_names = series[0].features
     target_name = args.target or feature_names[0]
     target = feature_names.index(target_name)
@@ -397,7 +419,7 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
         val_warmup=args.val_warmup,
     )
     started = time.monotonic()
-    history = fit(model, prepared, splits, cfg)
+    history = fit(model, prepared, splits, cfg, series_weights=weights)
     seconds = time.monotonic() - started
     report = evaluate_splits(model, prepared, splits, args.target_transform)
     meta = ModelMeta(
@@ -432,7 +454,7 @@ def train_main(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _training_series(
     args: argparse.Namespace,
-) -> tuple[list[Series], list[Split], SplitSpec, dict[str, Any]]:
+) -> tuple[list[Series], list[Split], SplitSpec, dict[str, Any], list[float] | None]:
     """Series, their splits, the split recorded in the metadata, and the corpus composition.
 
     With ``--corpus broad`` the recorded split is ETT's (the default model's headline protocol;
@@ -449,10 +471,11 @@ def _training_series(
         for c in corpus:
             sources[c.source] = sources.get(c.source, 0) + 1
         splits = [c.split for c in corpus]
-        return [c.series for c in corpus], splits, parse_split(ETT_SPLIT), sources
+        weights = source_weights(corpus)
+        return [c.series for c in corpus], splits, parse_split(ETT_SPLIT), sources, weights
     series = load_data(args)
     spec = parse_split(args.split or DEFAULT_SPLIT)
-    return series, [spec.points(s.ts) for s in series], spec, {}
+    return series, [spec.points(s.ts) for s in series], spec, {}, None
 
 
 def _data_files(args: argparse.Namespace) -> list[Path]:

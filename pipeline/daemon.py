@@ -29,7 +29,7 @@ from pipeline.messages import Reason
 from pipeline.model import LoadedModel
 from pipeline.quality import Quality
 from pipeline.reload import ModelWatcher, reload_model
-from pipeline.sink import Sink
+from pipeline.sink import AtLeastOnceSink, ExactlyOnceSink
 from pipeline.source import Source
 from pipeline.transaction import Totals, Transaction
 
@@ -61,7 +61,7 @@ class Daemon:
         self._next_topic_check = time.monotonic() + TOPIC_CHECK_INTERVAL_S
         self._next_progress = time.monotonic() + FIRST_PROGRESS_S
         self.source: Source | None = None
-        self.sink: Sink | None = None
+        self.sink: AtLeastOnceSink | ExactlyOnceSink | None = None
         self.keeper = StateKeeper(settings, self.engine.store)
         self.exactly_once = settings.kafka.processing_guarantee == "exactly_once"
         self.unit = Transaction(
@@ -69,7 +69,6 @@ class Daemon:
             self.engine,
             self.keeper,
             self.stop_event,
-            exactly_once=self.exactly_once,
             quality=self.quality,
             totals=self.totals,
         )
@@ -221,14 +220,14 @@ class Daemon:
                             backoff.failures, delay, exc)  # fmt: skip
                 backoff.wait(delay)
 
-    def _make_sink(self) -> Sink:
+    def _make_sink(self) -> AtLeastOnceSink | ExactlyOnceSink:
         kafka = self.settings.kafka
         changelog = self.settings.changelog_topic() if self.settings.state.changelog else None
         if self.exactly_once:
             instance = kafka.instance_id or socket.gethostname()
             txn_id = f"{kafka.group_id}-{instance}"
             try:
-                sink = Sink(
+                sink = ExactlyOnceSink(
                     kafka, self.stop_event, transactional_id=txn_id, changelog_topic=changelog
                 )
                 metrics.GUARANTEE.info({"guarantee": "exactly_once", "transactional_id": txn_id})
@@ -238,7 +237,7 @@ class Daemon:
                 log.warning("event=transactions_unsupported fallback=at_least_once error=%s", exc)
                 self.exactly_once = False
         metrics.GUARANTEE.info({"guarantee": "at_least_once", "transactional_id": ""})
-        return Sink(kafka, self.stop_event, changelog_topic=changelog)
+        return AtLeastOnceSink(kafka, self.stop_event, changelog_topic=changelog)
 
     def _ensure_changelog(self, partitions: int | None = None) -> None:
         """The changelog gets as many partitions as the input (co-partitioning), compacted."""

@@ -1,16 +1,18 @@
 """Writing results: forecasts, dead letters and per-stream state (the changelog).
 
-Two modes:
+:class:`Sink` queues the records (the same for both guarantees); each guarantee is its own
+class, so each path reads straight through:
 
-- **at-least-once** (no ``transactional_id``): sends are asynchronous; :meth:`Sink.flush` waits
-  for every acknowledgement. If any send of the micro-batch failed (a broker restart, say), the
+- :class:`AtLeastOnceSink`: sends are asynchronous; :meth:`~AtLeastOnceSink.flush` waits for
+  every acknowledgement. If any send of the micro-batch failed (a broker restart, say), the
   producer is rebuilt and the whole batch is sent again until it goes through or the daemon is
   asked to stop; the daemon then commits the input offsets itself. A resent batch can duplicate
   records that did get through; they carry the same ``seq`` and readers drop them.
-- **exactly-once** (a ``transactional_id``): :meth:`Sink.begin` opens a transaction,
-  :meth:`Sink.commit` adds the consumer offsets to it and commits. Any failure aborts (or
-  abandons a hung commit) and raises :class:`TransactionFailed`: the caller must rewind to the
-  committed offsets and restore state. A fenced producer raises :class:`FencedError`.
+- :class:`ExactlyOnceSink` (a transactional id): :meth:`~ExactlyOnceSink.begin` opens a
+  transaction, :meth:`~ExactlyOnceSink.commit` adds the consumer offsets to it and commits. Any
+  failure aborts (or abandons a hung commit) and raises :class:`TransactionFailed`: the caller
+  must rewind to the committed offsets and restore state. A fenced producer raises
+  :class:`FencedError`.
 """
 
 from __future__ import annotations
@@ -47,51 +49,40 @@ SEND_ERRORS = (KafkaError, ValueError)
 
 
 class Sink:
-    """Producer for forecasts and dead letters (at-least-once)."""
+    """The producer and the records of the open micro-batch; a guarantee's subclass sends them
+    durably (:class:`AtLeastOnceSink`, :class:`ExactlyOnceSink`)."""
 
     def __init__(
         self,
         kafka: KafkaSettings,
         stop: threading.Event | None = None,
         *,
-        transactional_id: str | None = None,
         changelog_topic: str | None = None,
     ) -> None:
         self.kafka = kafka
         self.output_topic = kafka.output_topic
         self.dlq_topic = kafka.dlq_topic
         self.changelog_topic = changelog_topic
-        self.transactional_id = transactional_id
         self.stop = stop or threading.Event()
-        self.producer = self._new_producer()
-        if transactional_id:
-            self._init_transactions()
+        # The micro-batch's records since the last flush or commit (resent at least once;
+        # only cleared exactly once, where an abort discards them).
         self._batch: list[OutRecord] = []
+        self._batch_state: list[StateRecord] = []
         self._pending: list[FutureRecordMetadata] = []
         self._broken: str | None = None  # a send() that raised: the batch must be resent
-        self._batch_state: list[StateRecord] = []
-        self._needs_rebuild = False  # a failed transaction left no usable producer
         self._encoder = ForecastEncoder()
+        self.producer = self._new_producer()
+
+    def _producer_mode(self) -> dict[str, object]:
+        """The guarantee's producer settings."""
+        raise NotImplementedError
 
     def _new_producer(self) -> KafkaProducer:
         kafka = self.kafka
-        mode: dict[str, object] = (
-            {
-                "transactional_id": self.transactional_id,
-                "enable_idempotence": True,
-                # The broker aborts a transaction left open this long (a crashed instance), so
-                # partitions it wrote to do not stay blocked for read_committed readers.
-                "transaction_timeout_ms": kafka.transaction_timeout_ms,
-            }
-            if self.transactional_id
-            # Idempotence breaks for good on a broker restart with Tansu; ordering is kept by
-            # allowing one in-flight request per connection instead.
-            else {"enable_idempotence": False, "max_in_flight_requests_per_connection": 1}
-        )
         try:
             return KafkaProducer(
                 **client_options(kafka),
-                **mode,
+                **self._producer_mode(),
                 acks="all",
                 linger_ms=kafka.linger_ms,
                 batch_size=kafka.batch_size,
@@ -181,6 +172,22 @@ class Sink:
         self._batch.extend(records)
         self._dispatch(records)
 
+    def close(self) -> None:
+        try:
+            self.producer.close(timeout=10)
+        except KafkaError:
+            log.warning("event=producer_close_failed", exc_info=True)
+
+
+class AtLeastOnceSink(Sink):
+    """Sends asynchronously; :meth:`flush` waits for every acknowledgement and resends the
+    micro-batch with a fresh producer until it goes through (module docstring)."""
+
+    def _producer_mode(self) -> dict[str, object]:
+        # Idempotence breaks for good on a broker restart with Tansu; ordering is kept by
+        # allowing one in-flight request per connection instead.
+        return {"enable_idempotence": False, "max_in_flight_requests_per_connection": 1}
+
     def flush(self, timeout_s: float = 30.0) -> None:
         """Block until every queued record is acknowledged, resending the batch on failure.
 
@@ -232,7 +239,36 @@ class Sink:
         state, self._batch_state = self._batch_state, []
         self.send_state(state)
 
-    # -- exactly-once -------------------------------------------------------------------------
+
+class ExactlyOnceSink(Sink):
+    """Each micro-batch is a transaction: :meth:`begin`, the sends, :meth:`commit` with the
+    consumer offsets; any failure aborts and raises TransactionFailed (module docstring)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        stop: threading.Event | None = None,
+        *,
+        transactional_id: str,
+        changelog_topic: str | None = None,
+    ) -> None:
+        self.transactional_id = transactional_id
+        self._needs_rebuild = False  # a failed transaction left no usable producer
+        super().__init__(kafka, stop, changelog_topic=changelog_topic)
+        try:
+            self._init_transactions()
+        except Exception:
+            self.producer.close(timeout=0)  # no half-made sink keeps a producer thread
+            raise
+
+    def _producer_mode(self) -> dict[str, object]:
+        return {
+            "transactional_id": self.transactional_id,
+            "enable_idempotence": True,
+            # The broker aborts a transaction left open this long (a crashed instance), so
+            # partitions it wrote to do not stay blocked for read_committed readers.
+            "transaction_timeout_ms": self.kafka.transaction_timeout_ms,
+        }
 
     def _init_transactions(self) -> None:
         try:
@@ -245,12 +281,10 @@ class Sink:
             raise BrokerError(f"cannot initialise transactions: {exc!r}") from exc
 
     def begin(self) -> None:
-        """Open the micro-batch's transaction (exactly-once mode only).
+        """Open the micro-batch's transaction.
 
         Raises BrokerError if the producer, lost in an earlier failure, cannot be rebuilt yet.
         """
-        if not self.transactional_id:
-            return
         if self._needs_rebuild:
             self._abandon()
             self._needs_rebuild = False
@@ -258,7 +292,6 @@ class Sink:
 
     def commit(self, offsets: dict[str, dict[int, int]], group_metadata: object) -> None:
         """Add ``{topic: {partition: next offset}}`` to the transaction and commit it."""
-        assert self.transactional_id
         if self._broken is not None:
             self._fail(self._broken)
         tp_offsets = {
@@ -345,9 +378,3 @@ class Sink:
             log.debug("event=producer_close_failed", exc_info=True)
         self.producer = self._new_producer()
         self._init_transactions()
-
-    def close(self) -> None:
-        try:
-            self.producer.close(timeout=10)
-        except KafkaError:
-            log.warning("event=producer_close_failed", exc_info=True)

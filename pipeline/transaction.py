@@ -37,7 +37,7 @@ from pipeline.engine import Engine, ForecastBatch
 from pipeline.errors import BrokerError, FencedError, TransactionFailed
 from pipeline.messages import Reason, Rejection
 from pipeline.quality import Quality
-from pipeline.sink import Sink
+from pipeline.sink import AtLeastOnceSink, ExactlyOnceSink
 from pipeline.source import Polled, Source
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,6 @@ class Transaction:
         keeper: StateKeeper,
         stop: threading.Event,
         *,
-        exactly_once: bool,
         quality: Quality | None = None,
         totals: Totals | None = None,
     ) -> None:
@@ -99,11 +98,10 @@ class Transaction:
         self.engine = engine
         self.keeper = keeper
         self.stop = stop
-        self.exactly_once = exactly_once
         self.quality = quality or Quality()
         self.totals = totals or Totals()
         self.source: Source | None = None
-        self.sink: Sink | None = None
+        self.sink: AtLeastOnceSink | ExactlyOnceSink | None = None
         kafka = settings.kafka
         self.interval_s = kafka.commit_interval_ms / 1000
         self.max_records = kafka.commit_records
@@ -180,7 +178,7 @@ class Transaction:
 
     def _open(self, polled: Polled) -> bool:
         assert self.sink is not None and self.source is not None
-        if self.exactly_once:
+        if isinstance(self.sink, ExactlyOnceSink):
             try:
                 self.sink.begin()
             except FencedError:
@@ -248,7 +246,7 @@ class Transaction:
         sink = self.sink
         if self.settings.state.changelog and self._touched:
             sink.send_state(self.keeper.records(list(self._touched)))
-        if self.exactly_once:
+        if isinstance(sink, ExactlyOnceSink):
             try:
                 sink.commit(
                     {self.settings.kafka.input_topic: self._offsets}, self.source.group_metadata()

@@ -7,7 +7,7 @@ Run as ``python -m tests.chaos_daemon run ...`` with
 - ``CHAOS_BEGIN``: probability that a begin fails (default 0);
 - ``CHAOS_ABORT_NTH``: the n-th commit of the process always aborts (default: none).
 
-A forced failure goes through ``Sink``'s own failure path (abort, fresh producer,
+A forced failure goes through ``ExactlyOnceSink``'s own failure path (abort, fresh producer,
 ``TransactionFailed``), which is what a broker error at that point runs, so the daemon's
 rollback, rewind and backoff are the real ones. Nothing of this is imported by the package.
 """
@@ -22,7 +22,7 @@ from typing import Any
 from kafka.errors import KafkaError
 
 from pipeline.cli import main
-from pipeline.sink import Sink
+from pipeline.sink import ExactlyOnceSink
 
 
 def _injected() -> None:
@@ -35,21 +35,21 @@ def install() -> None:
     begin_rate = float(os.environ.get("CHAOS_BEGIN", "0"))
     nth = int(os.environ.get("CHAOS_ABORT_NTH", "0"))
     commits = [0]
-    real_begin, real_commit = Sink.begin, Sink.commit
+    real_begin, real_commit = ExactlyOnceSink.begin, ExactlyOnceSink.commit
 
-    def begin(self: Sink) -> None:
+    def begin(self: ExactlyOnceSink) -> None:
         real_begin(self)
         if self.transactional_id and rng.random() < begin_rate:
             self._guard(_injected)
 
-    def commit(self: Sink, *args: Any) -> None:
+    def commit(self: ExactlyOnceSink, *args: Any) -> None:
         commits[0] += 1
         if rng.random() < abort_rate or commits[0] == nth:
             self._guard(_injected)
         real_commit(self, *args)
 
-    Sink.begin = begin  # type: ignore[method-assign]
-    Sink.commit = commit  # type: ignore[method-assign]
+    ExactlyOnceSink.begin = begin  # type: ignore[method-assign]
+    ExactlyOnceSink.commit = commit  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pipeline.engine import Engine
 from pipeline.errors import FencedError, TransactionFailed
 from pipeline.messages import Reason, Rejection, Source, Tick
 from pipeline.model import load_model
-from pipeline.sink import Sink
+from pipeline.sink import AtLeastOnceSink, ExactlyOnceSink
 from pipeline.source import TOMBSTONE_OFFSET_HEADER, Polled, read_changelog
 from pipeline.source import Source as TickSource
 from pipeline.ticks import TickBatch
@@ -99,7 +99,7 @@ def test_at_least_once_sink_writes_forecasts_dead_letters_and_state(bootstrap: s
     engine = Engine(load_model(None))
     batch = _forecast_batch(engine)
     rejection = Rejection(Reason.NON_FINITE, "value is NaN", b"k", b"v", Source("in", 1, 7))
-    sink = Sink(kafka, changelog_topic=changelog)
+    sink = AtLeastOnceSink(kafka, changelog_topic=changelog)
     try:
         sink.send_forecasts(batch, engine.version)
         sink.send_dead_letters([rejection])
@@ -124,7 +124,7 @@ def test_sink_never_sends_state_to_a_negative_partition(bootstrap: str) -> None:
     s = settings(bootstrap)
     changelog = unique("state")
     create_topics(bootstrap, [changelog], 1)
-    sink = Sink(s.kafka, changelog_topic=changelog)
+    sink = AtLeastOnceSink(s.kafka, changelog_topic=changelog)
     try:
         sink.send_state([(-1, b"ghost", b"x", []), (0, b"real", None, [])])
         sink.flush()
@@ -134,14 +134,14 @@ def test_sink_never_sends_state_to_a_negative_partition(bootstrap: str) -> None:
     assert [r.key for r in read_topic(bootstrap, changelog, 1)] == [b"real"]
 
 
-def _eos(bootstrap: str) -> tuple[Settings, TickSource, Sink, str]:
+def _eos(bootstrap: str) -> tuple[Settings, TickSource, ExactlyOnceSink, str]:
     s = settings(bootstrap)
     kafka = s.kafka
     create_topics(bootstrap, [kafka.input_topic, kafka.output_topic, kafka.dlq_topic], 1)
     produce(bootstrap, kafka.input_topic, [tick_record("s1", t) for t in range(3)])
     source = TickSource(kafka, features=("value",), max_record_bytes=1024)
     txn = unique("txn")
-    return s, source, Sink(kafka, transactional_id=txn), txn
+    return s, source, ExactlyOnceSink(kafka, transactional_id=txn), txn
 
 
 def test_exactly_once_sink_commits_outputs_with_the_offsets(bootstrap: str) -> None:
@@ -300,7 +300,7 @@ def test_keeper_restores_in_bulk_what_it_wrote(bootstrap: str, tmp_path: Path) -
     create_topics(bootstrap, [keeper.topic], 2)
     engine.process([Tick(f"s{k}", T0 + t, (float(k + t),), Source("in", k % 2, 10 * t + k))
                     for t in range(4) for k in range(20)])  # fmt: skip
-    sink = Sink(keeper.settings.kafka, changelog_topic=keeper.topic)
+    sink = AtLeastOnceSink(keeper.settings.kafka, changelog_topic=keeper.topic)
     try:
         sink.send_state(keeper.records(sorted(engine.store.slot_of)))
         sink.flush()

@@ -1,8 +1,8 @@
 """Failed transactions: rolled back in memory, retried, never fatal; fencing stops the daemon.
 
 In-process daemons (``Daemon.step``) on the shared broker, with failures injected through the
-Sink's own failure path (``Sink._fail``: abort, fresh producer, TransactionFailed), so what is
-exercised is the code a real broker failure runs.
+sink's own failure path (``ExactlyOnceSink._fail``: abort, fresh producer, TransactionFailed),
+so what is exercised is the code a real broker failure runs.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from kafka.errors import KafkaError
 from pipeline.config import Settings, load_settings
 from pipeline.daemon import Daemon
 from pipeline.engine import Engine
+from pipeline.errors import TransactionsUnsupported
 from pipeline.messages import Source, Tick, decode
 from pipeline.model import load_model
-from pipeline.sink import Sink
+from pipeline.sink import AtLeastOnceSink, ExactlyOnceSink
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 
 pytestmark = pytest.mark.integration
@@ -53,7 +54,9 @@ def _run_until(daemon: Daemon, done: Callable[[], bool], timeout_s: float = 60) 
         daemon.step(timeout_ms=200)
 
 
-def _fail_some(sink: Sink, method: str, pick: Callable[[Sink], bool]) -> list[int]:
+def _fail_some(
+    sink: ExactlyOnceSink, method: str, pick: Callable[[ExactlyOnceSink], bool]
+) -> list[int]:
     """Make ``sink.<method>`` fail through the real failure path when ``pick(sink)``;
     returns a list that counts the failures."""
     real = getattr(sink, method)
@@ -249,3 +252,36 @@ def test_a_transaction_open_at_a_rebalance_is_committed_by_the_revoke(bootstrap:
     docs = [r.json() for r in read_topic(bootstrap, out, 80, idle_s=1.5)]
     assert len(docs) == 80  # once each: no transaction aborted, none replayed
     _check(docs, _reference(first_records + second_records))
+
+
+def test_a_broker_without_transactions_gets_at_least_once(
+    bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the broker refuses transactions the daemon falls back to at-least-once, and the
+    whole loop then runs the at-least-once path (before the sinks were split, the transaction
+    unit kept its exactly-once flag and its first commit failed an assertion)."""
+
+    def refuse(self: ExactlyOnceSink) -> None:
+        raise TransactionsUnsupported("the broker refuses transactions (injected by the test)")
+
+    monkeypatch.setattr(ExactlyOnceSink, "_init_transactions", refuse)
+    inp, group = unique("ticks"), unique("g")
+    create_topics(bootstrap, [inp], 1)
+    settings = _settings(bootstrap, inp, group)
+    daemon = Daemon(settings, load_model(None))
+    assert daemon._connect()
+    assert isinstance(daemon.sink, AtLeastOnceSink) and not daemon.exactly_once
+    produce(bootstrap, inp, _ticks(0, 10, 2))
+    _run_until(daemon, lambda: daemon.totals.forecasts == 20)
+    daemon.unit.commit()
+    daemon._close()
+    out = read_topic(bootstrap, settings.kafka.output_topic, 20, timeout_s=30)
+    assert sorted((r.key, r.json()["seq"]) for r in out) == sorted(
+        (f"t{s}".encode(), seq) for s in range(2) for seq in range(1, 11)
+    )
+    again = Daemon(settings, load_model(None))  # the offsets were committed: nothing comes again
+    assert again._connect()
+    for _ in range(10):
+        again.step(timeout_ms=200)
+    assert again.totals.consumed == 0
+    again._close()

@@ -12,7 +12,7 @@ COMMON=(--loss mae --batch-lanes 16 --seed 0 --threads 1)
 ETT_COLS=HUFL,HULL,MUFL,MULL,LUFL,LULL,OT
 ETT_SPLIT=(--split 12mo,4mo,4mo)  # the ETT protocol: 12/4/4 months of 30 days from the start
 
-# The shipped model (univariate, all four ETT files; `make train` writes it in place).
+# The shipped model (univariate, broad corpus: `make train` writes it in place), on each ETT OT.
 for f in ETTh1.csv ETTh2.csv ETTm1.csv.gz ETTm2.csv.gz; do
   s=${f%%.*}; season=24; [[ $s == ETTm* ]] && season=96
   $P backtest --data "$D/$f" --target OT "${ETT_SPLIT[@]}" --season $season \

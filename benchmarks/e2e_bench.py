@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class E2EConfig:
     streams: int = 1_000
     rate: float = 5_000.0
+    # More paced runs, shorter (issue 12: latency at 1k and 20k, CPU per 1,000 ticks at 1k).
+    other_rates: tuple[float, ...] = (1_000.0, 20_000.0)
+    other_duration_s: float = 10.0
     warmup_s: float = 3.0
     duration_s: float = 20.0
     subwindows: int = 5
@@ -67,7 +70,13 @@ class E2EConfig:
     @classmethod
     def quick(cls) -> E2EConfig:
         return cls(
-            warmup_s=1.0, duration_s=5.0, subwindows=2, tail_s=5.0, preload=15_000, sat_repeats=1
+            warmup_s=1.0,
+            duration_s=5.0,
+            subwindows=2,
+            tail_s=5.0,
+            preload=15_000,
+            sat_repeats=1,
+            other_rates=(),
         )
 
 
@@ -613,6 +622,17 @@ def run(cfg: E2EConfig) -> dict[str, Any]:
             print(f"  e2e: preloading {cfg.preload:,} ticks for {kind} ...", flush=True)
             inputs[kind] = preload(broker, cfg, f"{stamp}-{kind}-sat")
         result["preload"] = inputs
+        result["paced_other"] = {}
+        for rate in cfg.other_rates:
+            at = replace(cfg, rate=rate, duration_s=cfg.other_duration_s)
+            runs_at = {}
+            for kind in SYSTEMS:
+                print(f"  e2e: {kind} at {rate:,.0f} ticks/s ...", flush=True)
+                tag = f"{stamp}-{kind}-paced-{rate:.0f}"
+                runs_at[kind] = _attempt(
+                    kind, tag, at, True, paced_run, kind, broker, at, tag, broker_pid
+                )
+            result["paced_other"][f"{rate:.0f}"] = runs_at
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SYSTEMS}
         for rep in range(cfg.sat_repeats):
             for kind in SYSTEMS:
@@ -665,7 +685,22 @@ def run(cfg: E2EConfig) -> dict[str, Any]:
         "paced_throughput_ratio": _target(d["throughput_per_s"] / p["throughput_per_s"], 0.9, True),
         "paced_p99_ratio": _target(d["latency"]["p99_s"] / p["latency"]["p99_s"], 1.5, False),
     }
+    at_1k = result["paced_other"].get("1000")
+    if at_1k:
+        ratio = cpu_per_1k(at_1k["daemon"], "daemon") / cpu_per_1k(
+            at_1k["passthrough"], "passthrough"
+        )
+        result["targets"]["cpu_per_1k_ratio_at_1k"] = _target(ratio, 1.5, False)
     return result
+
+
+def cpu_per_1k(run: dict[str, Any], kind: str) -> float:
+    """CPU seconds the system used per 1,000 ticks it delivered (NaN if unknown)."""
+    cores = run.get("cpu_cores", {}).get(kind)
+    rate = run.get("throughput_per_s", NAN)
+    if cores is None or not rate or rate != rate:
+        return NAN
+    return float(cores) / float(rate) * 1000.0
 
 
 def render(r: dict[str, Any]) -> str:
@@ -788,6 +823,31 @@ def render(r: dict[str, Any]) -> str:
             f"ticks/s), then drained; {c['sat_repeats']} repeat(s)",
         )
     )
+    if r.get("paced_other"):
+        rows = []
+        for rate, runs_at in r["paced_other"].items():
+            d2, p2 = runs_at["daemon"], runs_at["passthrough"]
+            rows.append([
+                f"{float(rate):,.0f}/s: delivered records/s",
+                fmt_rate(d2["throughput_per_s"]), fmt_rate(p2["throughput_per_s"]),
+                ratio(d2["throughput_per_s"], p2["throughput_per_s"]),
+            ])  # fmt: skip
+            for key, label in (("p50_s", "p50"), ("p99_s", "p99")):
+                a, b = d2["latency"][key], p2["latency"][key]
+                rows.append([f"{float(rate):,.0f}/s: latency {label}", fmt_ms(a), fmt_ms(b),
+                             ratio(a, b)])  # fmt: skip
+            a, b = cpu_per_1k(d2, "daemon"), cpu_per_1k(p2, "passthrough")
+            rows.append([f"{float(rate):,.0f}/s: CPU s per 1,000 ticks", f"{a:.3f}", f"{b:.3f}",
+                         ratio(a, b)])  # fmt: skip
+        lines.append("")
+        lines.append(
+            table(
+                ["paced, other rates", "daemon", "passthrough", "daemon/passthrough"],
+                rows,
+                title=f"paced at other rates, {c['warmup_s']:.0f} s warm-up + "
+                f"{c['other_duration_s']:.0f} s measured each",
+            )
+        )
     t = r["targets"]
     lines.append("")
     lines.append(
@@ -798,6 +858,13 @@ def render(r: dict[str, Any]) -> str:
         f"{verdict(t['paced_throughput_ratio']['met'])}; daemon/passthrough p99 at "
         f"{c['rate']:,.0f}/s <= 1.5 (issue 12): {fmt_ratio(t['paced_p99_ratio']['value'])} "
         f"{verdict(t['paced_p99_ratio']['met'])}"
+        + (
+            "; CPU per 1,000 ticks at 1,000/s <= 1.5x: "
+            f"{fmt_ratio(t['cpu_per_1k_ratio_at_1k']['value'])} "
+            f"{verdict(t['cpu_per_1k_ratio_at_1k']['met'])}"
+            if "cpu_per_1k_ratio_at_1k" in t
+            else ""
+        )
     )
     failures = _failures(r)
     if failures:
@@ -842,6 +909,7 @@ def daemon_settings(log_path: Path) -> dict[str, str]:
 def _failures(r: dict[str, Any]) -> list[str]:
     runs = [r["paced"][k] for k in SYSTEMS]
     runs += [x for k in SYSTEMS for x in r["saturation"][k]["runs"]]
+    runs += [at[k] for at in r.get("paced_other", {}).values() for k in SYSTEMS]
     lines = []
     for x in runs:
         if "error" in x:

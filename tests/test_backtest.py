@@ -167,9 +167,11 @@ def test_backtest_compares_cells_in_one_table(
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data (CI has it)")
 def test_shipped_model_accuracy_on_ett_oil_temperature() -> None:
-    """The shipped model on the ETT test splits (target OT), through the engine.
+    """The shipped model on the ETT test splits (target OT), through the engine: the model
+    alone, the served mix and its bounds.
 
-    Measured 2026-11-27: see the README accuracy table; the bounds are those figures + 0.02.
+    Measured 2026-11-29 for the broad-corpus model (README accuracy tables; the ETT-only model
+    before it: 0.792 / 0.646 for the model alone); the bounds are those figures + 0.02.
     """
     series = []
     for name in ("ETTh1.csv", "ETTh2.csv", "ETTm1.csv.gz", "ETTm2.csv.gz"):
@@ -178,12 +180,17 @@ def test_shipped_model_accuracy_on_ett_oil_temperature() -> None:
     assert loaded.meta.extra["split"] == "12mo,4mo,4mo"  # the ETT protocol's test part
     opts = BacktestOptions(baselines=("persistence",), split=trained_split(loaded))
     report = backtest(loaded, series, opts)
-    model = report["methods"]["model"]
+    model, combined = report["methods"]["model"], report["methods"]["combined"]
     assert model["ratio_h1"] <= SHIPPED_H1 + 0.02
     assert model["ratio_mean"] <= SHIPPED_MEAN + 0.02
+    assert combined["ratio_h1"] <= SERVED_H1 + 0.02
+    assert combined["ratio_mean"] <= SERVED_MEAN + 0.02
+    assert 0.77 <= report["intervals"]["coverage"] <= 0.83
 
 
-SHIPPED_H1, SHIPPED_MEAN = 0.792, 0.646  # pooled over the four OT series, measured 2026-11-27
+# Pooled over the four OT series, measured 2026-11-29 (model alone, and served).
+SHIPPED_H1, SHIPPED_MEAN = 0.757, 0.631
+SERVED_H1, SERVED_MEAN = 0.744, 0.634
 
 
 def test_log_target_is_served_in_price_units(tmp_path: Path) -> None:

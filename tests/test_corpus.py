@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.cli import main
-from pipeline.corpus import FAMILIES, broad_corpus, synthetic_series
+from pipeline.corpus import (
+    FAMILIES,
+    SOURCE_SHARES,
+    CorpusSeries,
+    broad_corpus,
+    source_weights,
+    synthetic_series,
+)
 from pipeline.dataset import Series, Split
 from pipeline.errors import DataError
 from pipeline.model import Forecaster, ModelConfig
@@ -93,3 +100,24 @@ def test_batched_evaluation_equals_series_alone() -> None:
         # entries scored per series: step h (0-based) drops the last h + 1 validation ticks
         counts = [sum(sp.val_end - sp.train_end - h - 1 for h in range(4)) for sp in splits]
         assert pooled == pytest.approx(np.average(alone, weights=counts), rel=1e-5)
+
+
+def test_each_source_gets_its_share_of_the_lanes() -> None:
+    """source_weights: per-lane weights such that the sources' shares of all drawn lanes are
+    SOURCE_SHARES whatever their sizes, and lanes within a source are equally likely."""
+    rng = np.random.default_rng(0)
+    corpus = []
+    for source, sizes in (("ETT", [900, 300]), ("beijing", [5000] * 4), ("stocks", [700]),
+                          ("synthetic:ar", [200, 400])):  # fmt: skip
+        for n in sizes:
+            _, ts, values = synthetic_series(rng, n)
+            corpus.append(CorpusSeries(Series(source, ts, values[:, None], ["value"]),
+                                       Split(int(0.6 * n), int(0.8 * n), n), source))  # fmt: skip
+    weights = source_weights(corpus)
+    mass: dict[str, float] = {}
+    for c, w in zip(corpus, weights, strict=True):
+        key = c.source.split(":")[0]
+        mass[key] = mass.get(key, 0.0) + w * c.split.train_end  # weight per tick x ticks
+        same = [v for d, v in zip(corpus, weights, strict=True) if d.source == c.source]
+        assert all(v == w for v in same)  # one weight per lane within a source
+    assert mass == pytest.approx(SOURCE_SHARES)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.dataset import Series, Split, SplitSpec, load_series, parse_split
+from pipeline.dataset import Series, Split, SplitSpec, load_series, log_target, parse_split
 from pipeline.errors import DataError
 from pipeline.normalize import F64
 
@@ -63,12 +63,11 @@ def broad_corpus(
     for variable in BEIJING_VARIABLES:
         for s in load_series(beijing, fmt="long", target=variable, stream_col="station",
                              time_col="year,month,day,hour"):  # fmt: skip
-            named = _renamed(s, f"beijing.{s.name}.{variable}")
-            out.append(_with_split(named, fractions, "beijing"))
+            out.append(_with_split(s, fractions, "beijing", f"beijing.{s.name}.{variable}"))
     for s in load_series(_need(data_dir, STOCKS_FILE), fmt="long", target="close",
                          stream_col="symbol", time_col="timestamp"):  # fmt: skip
-        log_price = Series(f"stocks.{s.name}.logclose", s.ts, np.log(s.values), ["value"])
-        out.append(_with_split(log_price, fractions, "stocks"))
+        log_price = log_target(s, 0)  # changes are log returns
+        out.append(_with_split(log_price, fractions, "stocks", f"stocks.{s.name}.logclose"))
     rng = np.random.default_rng(seed)
     for i in range(synthetic):
         family, ts, values = synthetic_series(rng, length)
@@ -99,12 +98,10 @@ def _need(data_dir: Path, name: str) -> Path:
     return path
 
 
-def _renamed(s: Series, name: str) -> Series:
-    return Series(name, s.ts, s.values, ["value"])
-
-
-def _with_split(s: Series, spec: SplitSpec, source: str) -> CorpusSeries:
-    return CorpusSeries(Series(s.name, s.ts, s.values, ["value"]), spec.points(s.ts), source)
+def _with_split(s: Series, spec: SplitSpec, source: str, name: str | None = None) -> CorpusSeries:
+    """``s`` as a univariate ``value`` series (renamed if ``name``), with its protocol's split."""
+    named = Series(name or s.name, s.ts, s.values, ["value"])
+    return CorpusSeries(named, spec.points(s.ts), source)
 
 
 FAMILIES = ("ar", "random_walk", "momentum", "seasonal", "level_shifts")

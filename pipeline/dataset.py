@@ -18,7 +18,7 @@ import csv
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +271,13 @@ def _floats(path: Path, rows: list[list[str]], cols: list[int]) -> F64:
             except ValueError:
                 raise DataError(f"row {r + 2}: {raw!r} is not a number", path=str(path)) from None
     return out
+
+
+def log_target(s: Series, target: int) -> Series:
+    """``s`` with its target column replaced by its natural log (DataError if any value <= 0)."""
+    column = s.values[:, target]
+    if not (column > 0).all():
+        raise DataError(f"series {s.name}: --target-transform log needs values > 0")
+    values = s.values.copy()
+    values[:, target] = np.log(column)
+    return replace(s, values=values)

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from pipeline.dataset import (
     SplitSpec,
     add_data_arguments,
     load_data,
+    log_target,
     parse_split,
 )
 from pipeline.errors import DataError
@@ -285,7 +286,7 @@ def _run_windows(model: Forecaster, windows: list[tuple[Prepared, int, int]]) ->
         y, _ = model(torch.from_numpy(x))
         for row, i in enumerate(idx):
             out[i] = y[row, : windows[i][2] - windows[i][1]]
-    return [y for y in out if y is not None]
+    return cast(list[Tensor], out)  # every window was filled above
 
 
 def validation_loss(
@@ -484,16 +485,6 @@ def _data_files(args: argparse.Namespace) -> list[Path]:
         names = [*ETT_FILES, BEIJING_FILE, STOCKS_FILE]
         return [root / n for n in names]
     return list(args.data)
-
-
-def log_target(s: Series, target: int) -> Series:
-    """``s`` with its target column replaced by its natural log (DataError if any value <= 0)."""
-    column = s.values[:, target]
-    if not (column > 0).all():
-        raise DataError(f"series {s.name}: --target-transform log needs values > 0")
-    values = s.values.copy()
-    values[:, target] = np.log(column)
-    return replace(s, values=values)
 
 
 def evaluate_splits(

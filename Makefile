@@ -11,7 +11,7 @@ help:  ## list targets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,plots]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,plots,librdkafka]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with dev extras

@@ -60,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile", action="store_true", help="e2e: one extra drain per system under py-spy"
     )
     p.add_argument(
+        "--client",
+        choices=("kafka-python", "confluent-kafka"),
+        help="e2e: the Kafka client of the daemon and the passthrough (default kafka-python)",
+    )
+    p.add_argument(
         "--daemon-env",
         action="append",
         default=[],
@@ -107,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None:
                 setattr(cfg, name, value)
         cfg.profile = args.profile
+        cfg.client = args.client or cfg.client
         for item in args.daemon_env:
             key, sep, value = item.partition("=")
             if not sep:

@@ -64,6 +64,8 @@ class E2EConfig:
     sat_repeats: int = 2
     partitions: int = 6
     profile: bool = False
+    # Both systems use this Kafka client (kafka.client; the passthrough's --client).
+    client: str = "kafka-python"
     daemon_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path = field(default_factory=lambda: REPO / "out" / "bench-logs")
 
@@ -172,6 +174,7 @@ def launch(
     group: str,
     log_path: Path,
     daemon_env: dict[str, str] | None = None,
+    client: str = "kafka-python",
 ) -> Any:
     env = dict(os.environ)
     common = ["--bootstrap-servers", bootstrap, "--input-topic", topics.input,
@@ -183,9 +186,10 @@ def launch(
                "--no-sample-feed"]  # fmt: skip
         env["PIPELINE_KAFKA__SESSION_TIMEOUT_MS"] = "2000"
         env["PIPELINE_KAFKA__HEARTBEAT_INTERVAL_MS"] = "500"
+        env["PIPELINE_KAFKA__CLIENT"] = client
         env.update(daemon_env or {})
     else:
-        cmd = [sys.executable, "-m", "benchmarks.passthrough", *common]
+        cmd = [sys.executable, "-m", "benchmarks.passthrough", *common, "--client", client]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -305,7 +309,8 @@ def paced_run(
     mon.pids["bench (reader)"] = os.getpid()
     reader = Reader(bs, topics.output, cfg.partitions)
     spawned = time.time()
-    proc = launch(kind, bs, topics, f"bench-{tag}", cfg.log_dir / f"{tag}.log", cfg.daemon_env)
+    log_path = cfg.log_dir / f"{tag}.log"
+    proc = launch(kind, bs, topics, f"bench-{tag}", log_path, cfg.daemon_env, cfg.client)
     mon.pids[kind] = proc.pid
     gen = None
     try:
@@ -424,7 +429,7 @@ def drain_run(
     admin = KafkaAdminClient(bootstrap_servers=bs.split(","), client_id="bench-admin")
     group = f"bench-{tag}"
     spawned = time.time()
-    proc = launch(kind, bs, topics, group, cfg.log_dir / f"{tag}.log", cfg.daemon_env)
+    proc = launch(kind, bs, topics, group, cfg.log_dir / f"{tag}.log", cfg.daemon_env, cfg.client)
     mon.pids[kind] = proc.pid
     spy = None
     commits: list[tuple[float, int]] = []
@@ -708,7 +713,8 @@ def render(r: dict[str, Any]) -> str:
     d, p = r["paced"]["daemon"], r["paced"]["passthrough"]
     lines = [
         f"END TO END via embedded Tansu ({r['broker']}), {c['streams']:,} streams, "
-        f"{c['partitions']} partitions; NOTE: {r['note']} (CPU use below)",
+        f"{c['partitions']} partitions, client {c.get('client', 'kafka-python')} for both "
+        f"systems; NOTE: {r['note']} (CPU use below)",
     ]
     if c.get("daemon_env"):
         lines.append(f"daemon environment overrides: {c['daemon_env']}")

@@ -266,6 +266,11 @@ class Daemon:
             # A temporary consumer here (partitions_of) stalled the group's rejoin on Tansu.
             input_created = self.settings.kafka.input_topic in created
             self._ensure_changelog(self.settings.kafka.partitions if input_created else None)
+            if input_created:
+                # Fresh metadata now: a group that rejoined while the topic was missing holds an
+                # empty assignment until the client's next refresh (5 min by default in both
+                # clients); seeing the partitions makes it rebalance.
+                self.source.topics()
         except BrokerError as exc:
             log.warning("event=topics_recreate_failed error=%s", exc)
             return

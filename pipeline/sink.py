@@ -21,31 +21,17 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from kafka import KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, ProducerFencedError, UnsupportedVersionError
-from kafka.producer.future import FutureRecordMetadata
-from kafka.structs import OffsetAndMetadata
-
-from pipeline import metrics
+from pipeline import clients, metrics
 from pipeline.backoff import Backoff
+from pipeline.clients import ClientError, OutRecord, ProducerClient, StateRecord
 from pipeline.config import KafkaSettings
 from pipeline.engine import ForecastBatch
 from pipeline.errors import BrokerError, FencedError, TransactionFailed, TransactionsUnsupported
-from pipeline.kafka_admin import client_options
 from pipeline.messages import ForecastEncoder, Rejection
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
-OutRecord = tuple[str, bytes | None, bytes | None, Headers]  # topic, key, value, headers
-# changelog partition, stream key, snapshot (None: tombstone), headers
-StateRecord = tuple[int, bytes, bytes | None, Headers]
-
 MAX_BACKOFF_S = 10.0
-# What producer.send() raises for a record it cannot queue. ValueError: a partition the
-# producer's metadata does not know yet (a changelog recreated after a broker restart); the
-# batch is then resent (at least once) or the transaction aborted and retried (exactly once).
-SEND_ERRORS = (KafkaError, ValueError)
 
 
 class Sink:
@@ -68,45 +54,25 @@ class Sink:
         # only cleared exactly once, where an abort discards them).
         self._batch: list[OutRecord] = []
         self._batch_state: list[StateRecord] = []
-        self._pending: list[FutureRecordMetadata] = []
-        self._broken: str | None = None  # a send() that raised: the batch must be resent
+        self._broken: str | None = None  # a send that raised: the batch must be resent
         self._encoder = ForecastEncoder()
         self.producer = self._new_producer()
 
-    def _producer_mode(self) -> dict[str, object]:
-        """The guarantee's producer settings."""
+    def _new_producer(self) -> ProducerClient:
+        """The guarantee's producer on the configured client (pipeline.clients)."""
         raise NotImplementedError
 
-    def _new_producer(self) -> KafkaProducer:
-        kafka = self.kafka
-        try:
-            return KafkaProducer(
-                **client_options(kafka),
-                **self._producer_mode(),
-                acks="all",
-                linger_ms=kafka.linger_ms,
-                batch_size=kafka.batch_size,
-                compression_type=None
-                if kafka.compression_type == "none"
-                else kafka.compression_type,
-                retries=5,
-                max_block_ms=10_000,
-            )
-        except KafkaError as exc:
-            raise BrokerError(
-                f"cannot create a producer for {kafka.bootstrap_servers}: {exc}"
-            ) from exc
-
     def _dispatch(self, records: Sequence[OutRecord]) -> None:
-        """Hand ``records`` to the producer; a send that raises marks the batch for resending."""
+        """Hand ``records`` to the producer; a send that raises marks the batch for resending
+        (at least once) or the transaction for an abort (exactly once). A record the client
+        cannot queue: e.g. a partition its metadata does not know yet, a changelog recreated
+        after a broker restart."""
         if self._broken is not None:
             return
-        send, pending = self.producer.send, self._pending
         try:
-            for topic, key, value, headers in records:
-                pending.append(send(topic, key=key, value=value, headers=headers))
-        except SEND_ERRORS as exc:
-            self._broken = repr(exc)
+            self.producer.send(records)
+        except ClientError as exc:
+            self._broken = str(exc)
 
     def send_forecasts(self, batch: ForecastBatch, model_version: str) -> None:
         """Queue one forecast record per row of ``batch``, keyed by stream, with the input
@@ -154,17 +120,13 @@ class Sink:
         if bad:
             log.error("event=state_record_without_partition count=%d action=skip", len(bad))
             records = [r for r in records if r[0] >= 0]
-        send, pending = self.producer.send, self._pending
         self._batch_state.extend(records)
         if self._broken is not None:
             return
         try:
-            for partition, key, value, headers in records:
-                pending.append(
-                    send(topic, key=key, value=value, partition=partition, headers=headers)
-                )
-        except SEND_ERRORS as exc:
-            self._broken = repr(exc)
+            self.producer.send_state(topic, records)
+        except ClientError as exc:
+            self._broken = str(exc)
 
     def send_dead_letters(self, rejections: Sequence[Rejection]) -> None:
         """Queue each rejection with its original key and value bytes and reason headers."""
@@ -173,20 +135,15 @@ class Sink:
         self._dispatch(records)
 
     def close(self) -> None:
-        try:
-            self.producer.close(timeout=10)
-        except KafkaError:
-            log.warning("event=producer_close_failed", exc_info=True)
+        self.producer.close(10.0)
 
 
 class AtLeastOnceSink(Sink):
     """Sends asynchronously; :meth:`flush` waits for every acknowledgement and resends the
     micro-batch with a fresh producer until it goes through (module docstring)."""
 
-    def _producer_mode(self) -> dict[str, object]:
-        # Idempotence breaks for good on a broker restart with Tansu; ordering is kept by
-        # allowing one in-flight request per connection instead.
-        return {"enable_idempotence": False, "max_in_flight_requests_per_connection": 1}
+    def _new_producer(self) -> ProducerClient:
+        return clients.producer(self.kafka, None)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Block until every queued record is acknowledged, resending the batch on failure.
@@ -210,24 +167,16 @@ class AtLeastOnceSink(Sink):
             self._rebuild()
 
     def _wait(self, timeout_s: float) -> str | None:
-        pending, self._pending = self._pending, []
         if self._broken is not None:
             broken, self._broken = self._broken, None
+            self.producer.forget()
             return broken
-        try:
-            self.producer.flush(timeout=timeout_s)
-        except KafkaError as exc:
-            return repr(exc)
-        failed = [f for f in pending if not f.is_done or f.failed()]
-        if not failed:
-            return None
-        first = failed[0]
-        return repr(first.exception) if first.is_done else "timed out"
+        return self.producer.flush(timeout_s)
 
     def _rebuild(self) -> None:
         """A fresh producer (the old one may be wedged after a broker restart), then resend."""
         try:
-            self.producer.close(timeout=0)
+            self.producer.close(0.0)
         except Exception:  # closing a broken producer can fail in many ways; it is discarded
             log.debug("event=producer_close_failed", exc_info=True)
         try:
@@ -258,27 +207,21 @@ class ExactlyOnceSink(Sink):
         try:
             self._init_transactions()
         except Exception:
-            self.producer.close(timeout=0)  # no half-made sink keeps a producer thread
+            self.producer.close(0.0)  # no half-made sink keeps a producer thread
             raise
 
-    def _producer_mode(self) -> dict[str, object]:
-        return {
-            "transactional_id": self.transactional_id,
-            "enable_idempotence": True,
-            # The broker aborts a transaction left open this long (a crashed instance), so
-            # partitions it wrote to do not stay blocked for read_committed readers.
-            "transaction_timeout_ms": self.kafka.transaction_timeout_ms,
-        }
+    def _new_producer(self) -> ProducerClient:
+        return clients.producer(self.kafka, self.transactional_id)
 
     def _init_transactions(self) -> None:
         try:
             self.producer.init_transactions()
-        except ProducerFencedError as exc:
-            raise FencedError(f"transactional id {self.transactional_id!r} is fenced") from exc
-        except UnsupportedVersionError as exc:
-            raise TransactionsUnsupported(f"the broker refuses transactions: {exc!r}") from exc
-        except KafkaError as exc:
-            raise BrokerError(f"cannot initialise transactions: {exc!r}") from exc
+        except ClientError as exc:
+            if exc.fenced:
+                raise FencedError(f"transactional id {self.transactional_id!r} is fenced") from exc
+            if exc.unsupported:
+                raise TransactionsUnsupported(f"the broker refuses transactions: {exc}") from exc
+            raise BrokerError(f"cannot initialise transactions: {exc}") from exc
 
     def begin(self) -> None:
         """Open the micro-batch's transaction.
@@ -294,17 +237,13 @@ class ExactlyOnceSink(Sink):
         """Add ``{topic: {partition: next offset}}`` to the transaction and commit it."""
         if self._broken is not None:
             self._fail(self._broken)
-        tp_offsets = {
-            TopicPartition(topic, p): OffsetAndMetadata(o, "", -1)
-            for topic, parts in offsets.items()
-            for p, o in parts.items()
-        }
         # Both calls can hang for minutes after a broker restart (Tansu): a watchdog bounds them.
         limit = self.kafka.transaction_timeout_ms / 1000
         producer = self.producer
-        self._guard(lambda: producer.send_offsets_to_transaction(tp_offsets, group_metadata), limit)
+        self._guard(lambda: producer.send_offsets_to_transaction(offsets, group_metadata), limit)
         self._guard(producer.commit_transaction, limit)
-        self._pending, self._batch, self._batch_state = [], [], []
+        producer.forget()
+        self._batch, self._batch_state = [], []
 
     def _guard(self, call: Callable[[], object], timeout_s: float | None = None) -> None:
         """Run a transactional call; fencing stops the daemon, anything else fails the batch."""
@@ -327,31 +266,20 @@ class ExactlyOnceSink(Sink):
         if not error:
             return
         exc = error[0]
-        if isinstance(exc, KafkaError):
-            self._fail(repr(exc), cause=exc)
+        if isinstance(exc, ClientError):
+            self._fail(str(exc), cause=exc)
         raise exc
 
-    def _fenced(self, cause: BaseException | None) -> bool:
-        """Whether another producer with our transactional id took over. kafka-python reports it
-        as ProducerFencedError on a send's future or as the transaction manager's last error,
-        and later calls raise a plain KafkaError ("... in an error state: ProducerFencedError")."""
-        if isinstance(cause, ProducerFencedError):
-            return True
-        manager = getattr(self.producer, "_transaction_manager", None)
-        if isinstance(getattr(manager, "last_error", None), ProducerFencedError):
-            return True
-        return any(
-            f.is_done and isinstance(f.exception, ProducerFencedError) for f in self._pending
-        )
-
-    def _fail(self, why: str, abort: bool = True, cause: BaseException | None = None) -> None:
+    def _fail(self, why: str, abort: bool = True, cause: ClientError | None = None) -> None:
         """Abort (unless the producer hangs), then start over with a fresh producer:
         kafka-python keeps a producer whose transactional request failed in an error state that
         an abort does not always clear. Raises TransactionFailed, or FencedError when another
         instance took our transactional id: a new producer would fence it in turn, and two
         instances would take the id from each other for ever, so this one must stop."""
-        fenced = abort and self._fenced(cause)  # looks at the pending futures: before the reset
-        self._pending, self._batch, self._batch_state, self._broken = [], [], [], None
+        # Asked before the reset: kafka-python reports fencing on a pending send's future.
+        fenced = abort and ((cause is not None and cause.fenced) or self.producer.fenced())
+        self._batch, self._batch_state, self._broken = [], [], None
+        self.producer.forget()
         if fenced:
             raise FencedError(
                 f"transactional id {self.transactional_id!r} was fenced: another instance with "
@@ -361,7 +289,7 @@ class ExactlyOnceSink(Sink):
         if abort:
             try:
                 self.producer.abort_transaction()
-            except KafkaError:
+            except ClientError:
                 log.debug("event=abort_failed", exc_info=True)
         try:
             self._abandon()
@@ -373,7 +301,7 @@ class ExactlyOnceSink(Sink):
     def _abandon(self) -> None:
         """Drop a wedged transactional producer and start a fresh one with the same id."""
         try:
-            self.producer.close(timeout=0)
+            self.producer.close(0.0)
         except Exception:  # a wedged producer can fail to close in many ways; it is discarded
             log.debug("event=producer_close_failed", exc_info=True)
         self.producer = self._new_producer()

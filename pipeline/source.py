@@ -1,4 +1,4 @@
-"""Reading ticks: a kafka-python consumer-group member that hands out decoded records.
+"""Reading ticks: a consumer-group member that hands out decoded records.
 
 Each :meth:`Source.poll` returns one micro-batch: every record decoded at once into a
 :class:`~pipeline.messages.Tick` or a :class:`~pipeline.messages.Rejection`, in offset order per
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
+from pipeline import clients
+from pipeline.clients import ClientError, PartitionsCallback
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
 from pipeline.kafka_admin import client_options
@@ -29,8 +30,6 @@ from pipeline.ticks import RawRecord, TickBatch, decode_records
 TOMBSTONE_OFFSET_HEADER = "input.offset"
 
 log = logging.getLogger(__name__)
-
-PartitionsCallback = Callable[[list[int]], None]
 
 
 @dataclass
@@ -49,19 +48,13 @@ class Polled:
         return len(self.ticks) + len(self.rejections)
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_assigned: PartitionsCallback, on_revoked: PartitionsCallback) -> None:
-        self.on_assigned, self.on_revoked = on_assigned, on_revoked
-
-    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        self.on_revoked(sorted(tp.partition for tp in revoked))
-
-    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        self.on_assigned(sorted(tp.partition for tp in assigned))
-
-
 class Source:
-    """Consumer of the input topic; offsets are committed only by :meth:`commit`."""
+    """Consumer of the input topic; offsets are committed only by :meth:`commit`.
+
+    The client (``kafka.client``) is behind :class:`~pipeline.clients.ConsumerClient`; this
+    class holds what does not depend on it: skipping redelivered records, decoding, and turning
+    client errors into the pipeline's.
+    """
 
     def __init__(
         self,
@@ -80,47 +73,25 @@ class Source:
         # Next offset to process per partition: records below it were already handled (their
         # outputs flushed) and are skipped when a failed commit makes the broker send them again.
         self._next: dict[int, int] = {}
-        try:
-            self.consumer = self._consumer(kafka)
-        except KafkaError as exc:
-            raise BrokerError(f"cannot join group at {kafka.bootstrap_servers}: {exc}") from exc
-        self.consumer.subscribe([self.topic], listener=_Listener(on_assigned, on_revoked))
-
-    @staticmethod
-    def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
-        return KafkaConsumer(
-            **client_options(kafka),
-            group_id=kafka.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=kafka.auto_offset_reset,
-            session_timeout_ms=kafka.session_timeout_ms,
-            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-            max_poll_interval_ms=kafka.max_poll_interval_ms,
-            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-            max_poll_records=kafka.max_poll_records,
-            isolation_level="read_committed",
-        )
+        self.consumer = clients.consumer(kafka, on_assigned, on_revoked)
 
     def poll(self, timeout_ms: int) -> Polled:
         """Fetch up to ``max_poll_records`` records and decode them (pipeline.ticks)."""
-        batches = self.consumer.poll(timeout_ms=timeout_ms)
+        batches = self.consumer.poll(timeout_ms)
         polled = Polled()
         raw: list[RawRecord] = []
-        for tp, records in batches.items():
-            if not records:
-                continue
-            p = tp.partition
-            first = self._first_new(tp, records[0].offset)
-            if first > records[0].offset:
-                kept = [r for r in records if r.offset >= first]
+        for p, records in batches.items():
+            first = self._first_new(p, records[0][3])
+            if first > records[0][3]:
+                kept = [r for r in records if r[3] >= first]
                 polled.skipped += len(records) - len(kept)
             else:
                 kept = records
             if kept:
-                polled.starts[p] = kept[0].offset
-                raw.extend([(r.key, r.value, p, r.offset, r.timestamp) for r in kept])
-            polled.offsets[p] = records[-1].offset + 1
-            self._next[p] = max(first, records[-1].offset + 1)
+                polled.starts[p] = kept[0][3]
+                raw.extend(kept)
+            polled.offsets[p] = records[-1][3] + 1
+            self._next[p] = max(first, records[-1][3] + 1)
         if raw:
             polled.ticks, polled.rejections = decode_records(
                 self.topic,
@@ -131,17 +102,17 @@ class Source:
             )
         return polled
 
-    def _first_new(self, tp: TopicPartition, offset: int) -> int:
+    def _first_new(self, partition: int, offset: int) -> int:
         """First offset of this fetch not yet processed by this instance."""
-        done = self._next.get(tp.partition)
+        done = self._next.get(partition)
         if done is None or offset >= done:
             return offset
-        high = self.consumer.highwater(tp)
+        high = self.consumer.highwater(partition)
         if high is not None and high < done:
             # The log restarted below what we processed (a memory-only broker came back
             # empty): these are new records, not a redelivery.
             log.warning(
-                "event=partition_log_reset partition=%d was=%d now=%d", tp.partition, done, high
+                "event=partition_log_reset partition=%d was=%d now=%d", partition, done, high
             )
             return offset
         return done
@@ -160,82 +131,66 @@ class Source:
         if not offsets:
             return True
         try:
-            self.consumer.commit(
-                {
-                    TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
-                    for p, o in offsets.items()
-                }
-            )
-        except KafkaError as exc:
-            log.warning("event=commit_failed partitions=%s error=%r", sorted(offsets), exc)
+            self.consumer.commit(offsets)
+        except ClientError as exc:
+            log.warning("event=commit_failed partitions=%s error=%s", sorted(offsets), exc)
             return False
         return True
 
     def committed(self, partitions: list[int]) -> dict[int, int]:
         """Committed offset (next to process) per partition; 0 where nothing is committed."""
-        out = {}
         try:
-            for p in partitions:
-                offset = self.consumer.committed(TopicPartition(self.topic, p))
-                out[p] = int(offset) if offset is not None else 0
-        except KafkaError as exc:
-            raise BrokerError(f"cannot read committed offsets: {exc!r}") from exc
-        return out
+            return self.consumer.committed(partitions)
+        except ClientError as exc:
+            raise BrokerError(f"cannot read committed offsets: {exc}") from exc
 
     def rewind(self, partitions: list[int]) -> dict[int, int]:
         """Seek ``partitions`` back to their committed offsets (after an aborted batch)."""
         committed = self.committed(partitions)
-        for p, offset in committed.items():
-            self.consumer.seek(TopicPartition(self.topic, p), offset)
-        self.forget(partitions)
+        self._seek(committed)
         return committed
 
     def rewind_to(self, starts: dict[int, int]) -> None:
         """Seek back to ``partition -> offset`` (a rolled-back batch's first offsets): the next
         polls hand those records out again. Local: no broker round trip."""
-        for p, offset in starts.items():
-            self.consumer.seek(TopicPartition(self.topic, p), offset)
-        self.forget(list(starts))
+        self._seek(starts)
+
+    def _seek(self, offsets: dict[int, int]) -> None:
+        try:
+            for p, offset in offsets.items():
+                self.consumer.seek(p, offset)
+        except ClientError as exc:
+            raise BrokerError(str(exc)) from exc
+        finally:
+            self.forget(list(offsets))
 
     def pause(self, partitions: list[int]) -> None:
         """Stop fetching ``partitions`` (safe inside a rebalance callback)."""
-        self.consumer.pause(*[TopicPartition(self.topic, p) for p in partitions])
+        self.consumer.pause(partitions)
 
     def resume(self, partitions: list[int]) -> None:
-        self.consumer.resume(*[TopicPartition(self.topic, p) for p in partitions])
+        self.consumer.resume(partitions)
 
     def group_metadata(self) -> object:
         return self.consumer.group_metadata()
 
     def topics(self) -> set[str] | None:
         """Topic names the cluster knows now (fresh metadata); None if it cannot be asked."""
-        try:
-            return set(self.consumer.topics())
-        except KafkaError:
-            return None
+        return self.consumer.topics()
 
     def lag(self) -> dict[int, int]:
         """Records behind the high watermark per assigned partition.
 
-        Uses ``highwater()`` (from fetch responses) rather than ``end_offsets()``, which Tansu
-        answers with the newest batch's base offset + 1.
+        From the fetches' high watermarks rather than ``end_offsets()``, which Tansu answers
+        with the newest batch's base offset + 1.
         """
-        out: dict[int, int] = {}
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is None:
-                continue
-            out[tp.partition] = max(high - self.consumer.position(tp), 0)
-        return out
+        return self.consumer.lag()
 
     def assignment(self) -> list[int]:
-        return sorted(tp.partition for tp in self.consumer.assignment())
+        return self.consumer.assignment()
 
     def close(self) -> None:
-        try:
-            self.consumer.close(autocommit=False)
-        except KafkaError:
-            log.warning("event=consumer_close_failed", exc_info=True)
+        self.consumer.close()
 
 
 def read_changelog(

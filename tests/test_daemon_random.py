@@ -44,7 +44,7 @@ from pipeline.model import LoadedModel, load_model
 from tests.kafka_helpers import DaemonProcess, Record, create_topics, read_topic, unique
 from tests.model_helpers import random_model
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
 FEATURES = ("x", "c")
 PARTITIONS = 3

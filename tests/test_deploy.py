@@ -680,6 +680,7 @@ QUIET_ALERTS = {
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("kafka_client")
 def test_prometheus_scrapes_latency_and_forecasts_of_a_live_stream(
     bootstrap: str, start_daemon: Callable[..., DaemonProcess], tmp_path: Path
 ) -> None:

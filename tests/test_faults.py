@@ -18,7 +18,7 @@ from pipeline.embedded import EmbeddedBroker, free_port
 from pipeline.model import load_model
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
 T0 = 1_700_000_000.0
 

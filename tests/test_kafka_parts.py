@@ -23,7 +23,7 @@ from pipeline.ticks import TickBatch
 from tests.kafka_helpers import create_topics, produce, read_topic, unique
 from tests.model_helpers import random_model
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
 T0 = 1_700_000_000.0
 
@@ -59,13 +59,21 @@ def tick_record(stream: str, t: int, value: float = 1.0) -> tuple[bytes, bytes]:
 # ---------------------------------------------------------------- Source
 
 
-def test_source_decodes_a_poll_and_rewinds_to_its_first_offsets(bootstrap: str) -> None:
+CLIENT_MODULES = {"kafka-python": "pipeline.clients.kafka_python",
+                  "confluent-kafka": "pipeline.clients.confluent"}  # fmt: skip
+
+
+def test_source_decodes_a_poll_and_rewinds_to_its_first_offsets(
+    bootstrap: str, kafka_client: str
+) -> None:
     s = settings(bootstrap)
     kafka = s.kafka
     create_topics(bootstrap, [kafka.input_topic], 1)
     produce(bootstrap, kafka.input_topic,
             [tick_record("a", t) for t in range(5)] + [(b"a", b"{oops")])  # fmt: skip
     source = TickSource(kafka, features=("value",), max_record_bytes=1024)
+    # The parametrized suite really runs each client (not the default twice).
+    assert type(source.consumer).__module__ == CLIENT_MODULES[kafka_client]
     try:
         first = poll_all(source, 6)
         assert first.ticks.offset.tolist() == [0, 1, 2, 3, 4] and len(first.rejections) == 1
@@ -100,6 +108,7 @@ def test_at_least_once_sink_writes_forecasts_dead_letters_and_state(bootstrap: s
     batch = _forecast_batch(engine)
     rejection = Rejection(Reason.NON_FINITE, "value is NaN", b"k", b"v", Source("in", 1, 7))
     sink = AtLeastOnceSink(kafka, changelog_topic=changelog)
+    assert type(sink.producer).__module__ == CLIENT_MODULES[kafka.client]
     try:
         sink.send_forecasts(batch, engine.version)
         sink.send_dead_letters([rejection])

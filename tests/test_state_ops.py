@@ -15,7 +15,7 @@ import torch
 from pipeline.model import Forecaster, ModelConfig, ModelMeta, load_model, save_model
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
 T0 = 1_700_000_000.0
 

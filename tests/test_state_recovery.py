@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 
 from tests.kafka_helpers import DaemonProcess, create_topics, read_topic, unique
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
 T0 = 1_700_000_000.0
 STREAMS = 200

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
 
+from pipeline.clients import ClientError
 from pipeline.config import Settings, load_settings
 from pipeline.daemon import Daemon
 from pipeline.engine import Engine
@@ -26,7 +26,7 @@ from pipeline.model import load_model
 from pipeline.sink import AtLeastOnceSink, ExactlyOnceSink
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
 T0 = 1_700_000_000.0
 
@@ -65,7 +65,7 @@ def _fail_some(
     def flaky(*args: Any) -> None:
         if pick(sink):
             failures.append(1)
-            sink._guard(lambda: (_ for _ in ()).throw(KafkaError("injected by the test")))
+            sink._guard(lambda: (_ for _ in ()).throw(ClientError("injected by the test")))
         real(*args)
 
     setattr(sink, method, flaky)

@@ -8,19 +8,13 @@ partition, plus the offsets to commit once the batch's outputs are safely produc
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
-
 from pipeline import clients
-from pipeline.clients import ClientError, PartitionsCallback
+from pipeline.clients import ClientError, Headers, PartitionsCallback
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
-from pipeline.kafka_admin import client_options
 from pipeline.messages import Rejection
 from pipeline.state import snapshot_offset
 from pipeline.ticks import RawRecord, TickBatch, decode_records
@@ -209,70 +203,39 @@ def read_changelog(
         return {}, 0
     try:
         return _read_changelog(kafka, topic, committed, timeout_s)
-    except KafkaError as exc:
-        raise BrokerError(f"cannot read changelog {topic}: {exc!r}") from exc
+    except ClientError as exc:
+        raise BrokerError(f"cannot read changelog {topic}: {exc}") from exc
 
 
 def _read_changelog(
     kafka: KafkaSettings, topic: str, committed: dict[int, int], timeout_s: float
 ) -> tuple[dict[str, bytes | None], int]:
-    reader = KafkaConsumer(
-        **client_options(kafka),
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        fetch_max_wait_ms=100,
-        max_poll_records=50_000,
-    )
     latest: dict[str, bytes | None] = {}
     count = 0
-    try:
-        existing = reader.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in committed if p in existing]
-        if not tps:
-            return latest, 0  # no changelog (yet): every stream starts cold
-        reader.assign(tps)
-        reader.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        while not _caught_up(reader, tps):
-            if time.monotonic() > deadline:
-                raise BrokerError(f"changelog {topic} not read within {timeout_s:.0f}s")
-            for tp, records in reader.poll(timeout_ms=200).items():
-                limit = committed[tp.partition]
-                for rec in records:
-                    count += 1
-                    offset = _state_offset(rec)
-                    if offset is None:
-                        log.warning("event=bad_changelog_record partition=%d offset=%d",
-                                    tp.partition, rec.offset)  # fmt: skip
-                    elif offset < limit:
-                        latest[rec.key.decode("utf-8", "replace") if rec.key else ""] = rec.value
-    finally:
-        reader.close()
+    for partition, offset, key, value, headers in clients.read_from_start(
+        kafka, topic, list(committed), timeout_s
+    ):
+        count += 1
+        reflects = _state_offset(value, headers)
+        if reflects is None:
+            log.warning("event=bad_changelog_record partition=%d offset=%d", partition, offset)
+        elif reflects < committed[partition]:
+            latest[key.decode("utf-8", "replace") if key else ""] = value
     return latest, count
 
 
-def _state_offset(rec: ConsumerRecord) -> int | None:
+def _state_offset(value: bytes | None, headers: Headers) -> int | None:
     """The input offset a changelog record reflects; -1 for a tombstone of an older version
     (always valid); None if the record is neither a snapshot nor a tombstone."""
-    if rec.value is None:
-        for name, value in rec.headers or ():
+    if value is None:
+        for name, header in headers:
             if name == TOMBSTONE_OFFSET_HEADER:
                 try:
-                    return int(value)
+                    return int(header)
                 except ValueError:
                     return None
         return -1
     try:
-        return snapshot_offset(rec.value)
+        return snapshot_offset(value)
     except ValueError:
         return None
-
-
-def _caught_up(reader: KafkaConsumer, tps: list[TopicPartition]) -> bool:
-    # highwater() comes from fetch responses (end_offsets() is wrong on Tansu); None = no fetch yet
-    for tp in tps:
-        high = reader.highwater(tp)
-        if high is None or reader.position(tp) < high:
-            return False
-    return True

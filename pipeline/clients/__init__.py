@@ -14,7 +14,7 @@ other than the input appear only in :meth:`ProducerClient.send_offsets_to_transa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from pipeline.config import KafkaSettings
@@ -25,6 +25,8 @@ OutRecord = tuple[str, bytes | None, bytes | None, Headers]  # topic, key, value
 # changelog partition, stream key, snapshot (None: tombstone), headers
 StateRecord = tuple[int, bytes, bytes | None, Headers]
 PartitionsCallback = Callable[[list[int]], None]
+# partition, offset, key, value, headers: a record read back from a topic
+ReadRecord = tuple[int, int, bytes | None, bytes | None, Headers]
 
 
 class ClientError(Exception):
@@ -151,3 +153,18 @@ def producer(kafka: KafkaSettings, transactional_id: str | None) -> ProducerClie
     from pipeline.clients import kafka_python
 
     return kafka_python.Producer(kafka, transactional_id)
+
+
+def read_from_start(
+    kafka: KafkaSettings, topic: str, partitions: list[int], timeout_s: float
+) -> Iterator[ReadRecord]:
+    """Every record of ``partitions`` of ``topic`` (read_committed, no group), from the start up
+    to the end as of the read; partitions the topic does not have are left out. BrokerError if
+    the end is not reached within ``timeout_s``; ClientError if the cluster cannot be read."""
+    if kafka.client == "confluent-kafka":
+        from pipeline.clients import confluent
+
+        return confluent.read_from_start(kafka, topic, partitions, timeout_s)
+    from pipeline.clients import kafka_python
+
+    return kafka_python.read_from_start(kafka, topic, partitions, timeout_s)

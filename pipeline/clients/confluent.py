@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Consumer as RdConsumer
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Producer as RdProducer
 
-from pipeline.clients import ClientError, OutRecord, PartitionsCallback, StateRecord
+from pipeline.clients import ClientError, OutRecord, PartitionsCallback, ReadRecord, StateRecord
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
 from pipeline.ticks import RawRecord
@@ -364,3 +365,49 @@ class Producer:
                 log.debug("event=producer_flush_failed", exc_info=True)
         if left:
             self.producer.purge()
+
+
+def read_from_start(
+    kafka: KafkaSettings, topic: str, partitions: list[int], timeout_s: float
+) -> Iterator[ReadRecord]:
+    """:func:`pipeline.clients.read_from_start` on librdkafka: a partition is read once it
+    reports end of partition (``enable.partition.eof``), which for a read_committed reader is
+    the last stable offset, not a record at high watermark - 1 (usually a control marker)."""
+    try:
+        reader = RdConsumer(
+            {
+                **_common(kafka),
+                "group.id": f"{kafka.group_id}.restore",  # required; never joins or commits
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": 100,
+                "enable.partition.eof": True,
+            }
+        )
+    except KafkaException as exc:
+        raise ClientError(str(exc.args[0])) from exc
+    try:
+        meta = reader.list_topics(topic, timeout=10).topics.get(topic)
+        existing = set(meta.partitions) if meta is not None and meta.error is None else set()
+        pending = {p for p in partitions if p in existing}
+        if not pending:
+            return
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"{topic} not read to its end within {timeout_s:.0f}s")
+            for m in reader.consume(10_000, 0.2):
+                err = m.error()
+                p: int = m.partition()  # type: ignore[assignment]  # set on every message
+                if err is None:
+                    offset: int = m.offset()  # type: ignore[assignment]
+                    yield p, offset, m.key(), m.value(), list(m.headers() or ())  # type: ignore[arg-type]
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(p)
+                else:
+                    raise ClientError(str(err))
+    except KafkaException as exc:
+        raise ClientError(str(exc.args[0])) from exc
+    finally:
+        reader.close()

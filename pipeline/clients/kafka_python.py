@@ -9,7 +9,8 @@ metadata does not know yet (a changelog recreated after a broker restart).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
@@ -19,7 +20,7 @@ from kafka.errors import KafkaError, ProducerFencedError, UnsupportedVersionErro
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.clients import ClientError, OutRecord, PartitionsCallback, StateRecord
+from pipeline.clients import ClientError, OutRecord, PartitionsCallback, ReadRecord, StateRecord
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
 from pipeline.kafka_admin import client_options
@@ -256,3 +257,49 @@ class Producer:
             self.producer.close(timeout=timeout_s)
         except KafkaError:
             log.warning("event=producer_close_failed", exc_info=True)
+
+
+def read_from_start(
+    kafka: KafkaSettings, topic: str, partitions: list[int], timeout_s: float
+) -> Iterator[ReadRecord]:
+    """:func:`pipeline.clients.read_from_start` on kafka-python: the end is the high watermark
+    of the fetch responses (``end_offsets()`` is wrong on Tansu)."""
+    try:
+        reader = KafkaConsumer(
+            **client_options(kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            fetch_max_wait_ms=100,
+            max_poll_records=50_000,
+        )
+    except KafkaError as exc:
+        raise ClientError(repr(exc)) from exc
+    try:
+        existing = reader.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in partitions if p in existing]
+        if not tps:
+            return
+        reader.assign(tps)
+        reader.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        while not _caught_up(reader, tps):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"{topic} not read to its end within {timeout_s:.0f}s")
+            for tp, records in reader.poll(timeout_ms=200).items():
+                p = tp.partition
+                for r in records:
+                    yield p, r.offset, r.key, r.value, list(r.headers or ())
+    except KafkaError as exc:
+        raise ClientError(repr(exc)) from exc
+    finally:
+        reader.close()
+
+
+def _caught_up(reader: KafkaConsumer, tps: list[TopicPartition]) -> bool:
+    # highwater() comes from fetch responses; None = no fetch yet
+    for tp in tps:
+        high = reader.highwater(tp)
+        if high is None or reader.position(tp) < high:
+            return False
+    return True

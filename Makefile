@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install system-deps run test lint typecheck unit soak bench train accuracy clean
+.PHONY: help install system-deps run test lint typecheck unit soak bench bench-quix train accuracy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -42,8 +42,17 @@ SOAK_MINUTES ?= 30
 soak: $(STAMP)  ## the randomized daemon test, seed after seed, for SOAK_MINUTES (default 30)
 	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/pytest -q -s -p no:cacheprovider -m soak tests/test_daemon_random.py
 
-bench: $(STAMP)  ## benchmarks with their baselines
+bench: $(STAMP) .venv-quix/.installed  ## benchmarks with their baselines (and the Quix peer)
 	$(BIN)/python -m benchmarks $(ARGS)
+
+# The Quix Streams peer of the e2e benchmark, in its own environment (quixstreams pins its own
+# confluent-kafka); `make bench` drains with it when this exists.
+.venv-quix/.installed:
+	$(PY) -m venv .venv-quix
+	.venv-quix/bin/pip install -q --disable-pip-version-check quixstreams==3.28.1 torch==2.13.0
+	touch $@
+
+bench-quix: .venv-quix/.installed  ## the Quix Streams peer app's environment for make bench
 
 DATA ?= ../shared/data
 train: $(STAMP)  ## retrain the shipped default model on the broad corpus (~20 min; command recorded in its metadata)
@@ -55,4 +64,4 @@ accuracy: $(STAMP)  ## train per data set and backtest: the README accuracy tabl
 	bash benchmarks/accuracy.sh $(DATA) out/accuracy
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-quix .mypy_cache .pytest_cache .ruff_cache

@@ -22,6 +22,7 @@ from pipeline.daemon import Daemon
 from pipeline.embedded import EmbeddedBroker
 from pipeline.kafka_admin import ensure_topics
 from pipeline.model import load_model
+from pipeline.runner import tune_gc
 
 from . import loadgen
 
@@ -33,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--guarantee", default="exactly_once")
     parser.add_argument("--no-profile", action="store_true", help="time only")
+    parser.add_argument("--save", help="also write the cProfile stats to this file (pstats)")
     args = parser.parse_args(argv)
     with EmbeddedBroker() as broker:
         settings = load_settings(
@@ -55,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loadgen.produce_count(producer, "in", args.ticks, args.streams)
         producer.close()
         daemon = Daemon(settings, load_model(None))
+        tune_gc()  # as pipeline run does
         done = threading.Event()
 
         def watch() -> None:
@@ -88,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         metrics.ACTIVE_STREAMS.set(0)
     if not args.no_profile:
+        if args.save:
+            profiler.dump_stats(args.save)
         stats = pstats.Stats(profiler).strip_dirs()
         stats.sort_stats("cumulative").print_stats(args.top)
         stats.sort_stats("tottime").print_stats(args.top)

@@ -46,6 +46,8 @@ from .report import fmt_ms, fmt_rate, fmt_ratio, median, percentile, table, verd
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ("daemon", "passthrough")
+# The peer (benchmarks/quix_peer.py) runs from its own environment, made by `make bench-quix`.
+QUIX_PYTHON = REPO / ".venv-quix" / "bin" / "python"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -66,6 +68,8 @@ class E2EConfig:
     profile: bool = False
     # Both systems use this Kafka client (kafka.client; the passthrough's --client).
     client: str = "kafka-python"
+    # Also drain with the Quix Streams peer app, if .venv-quix exists (saturation only).
+    quix: bool = True
     daemon_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path = field(default_factory=lambda: REPO / "out" / "bench-logs")
 
@@ -188,6 +192,8 @@ def launch(
         env["PIPELINE_KAFKA__HEARTBEAT_INTERVAL_MS"] = "500"
         env["PIPELINE_KAFKA__CLIENT"] = client
         env.update(daemon_env or {})
+    elif kind == "quix":
+        cmd = [str(QUIX_PYTHON), "-m", "benchmarks.quix_peer", *common]
     else:
         cmd = [sys.executable, "-m", "benchmarks.passthrough", *common, "--client", client]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -655,6 +661,13 @@ def run(cfg: E2EConfig) -> dict[str, Any]:
                 "runs": runs[kind],
                 "throughput_per_s_median": median(rates),
             }
+        if cfg.quix and QUIX_PYTHON.exists():
+            print("  e2e: quix peer draining ...", flush=True)
+            tag = f"{stamp}-quix-sat"
+            topic = inputs["daemon"]["topic"]  # another group reads the same ticks
+            result["saturation"]["quix"] = _attempt(
+                "quix", tag, cfg, False, drain_run, "quix", broker, cfg, topic, tag, broker_pid
+            )
         if cfg.profile:
             profiles = {}
             for kind in SYSTEMS:
@@ -696,6 +709,11 @@ def run(cfg: E2EConfig) -> dict[str, Any]:
             at_1k["passthrough"], "passthrough"
         )
         result["targets"]["cpu_per_1k_ratio_at_1k"] = _target(ratio, 1.5, False)
+    quix = result["saturation"].get("quix")
+    if quix:
+        result["targets"]["over_quix"] = _target(
+            sd["throughput_per_s_median"] / quix["throughput_per_s"], 3.0, True
+        )
     return result
 
 
@@ -872,6 +890,15 @@ def render(r: dict[str, Any]) -> str:
             else ""
         )
     )
+    quix = r["saturation"].get("quix")
+    if quix:
+        lines.append(
+            f"peer: Quix Streams GRU app (benchmarks/quix_peer.py), same ticks drained: "
+            f"{fmt_rate(quix['throughput_per_s'])} records/s, "
+            f"{_cores(quix, 'daemon|passthrough', 'quix')} cores; daemon/quix "
+            f"{fmt_ratio(t['over_quix']['value'])} (>= 3x, issue 12: "
+            f"{verdict(t['over_quix']['met'])})"
+        )
     failures = _failures(r)
     if failures:
         lines.append("")
@@ -916,6 +943,8 @@ def _failures(r: dict[str, Any]) -> list[str]:
     runs = [r["paced"][k] for k in SYSTEMS]
     runs += [x for k in SYSTEMS for x in r["saturation"][k]["runs"]]
     runs += [at[k] for at in r.get("paced_other", {}).values() for k in SYSTEMS]
+    if "quix" in r["saturation"]:
+        runs.append(r["saturation"]["quix"])
     lines = []
     for x in runs:
         if "error" in x:

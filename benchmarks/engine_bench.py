@@ -355,12 +355,12 @@ def bench_codec(cfg: EngineConfig) -> dict[str, Any]:
     horizon = [float(x) for x in rng.normal(100, 5, 24)]
     matrix = rng.normal(100, 5, (n, 24))
     names = [f"stream-{i % 1000:05d}" for i in range(n)]
-    times = (1.79e9 + np.arange(n)).tolist()
-    seqs = list(range(n))
+    times = 1.79e9 + np.arange(n, dtype=np.float64)
+    seqs = np.arange(n)
     warm = [True] * n
 
     def run_batch_encode() -> None:
-        ForecastEncoder().encode(names, times, seqs, matrix.tolist(), "forecaster-01234", warm)
+        ForecastEncoder().encode(names, times, seqs, matrix, "forecaster-01234", warm)
 
     def run_encode() -> None:
         for i in range(n):

@@ -85,12 +85,12 @@ class Sink:
         keys = [ticks.key[i] for i in index]
         values = self._encoder.encode(
             streams,
-            ticks.ts[rows].tolist(),
-            batch.seq.tolist(),
-            batch.forecast.tolist(),
+            ticks.ts[rows],
+            batch.seq,
+            batch.forecast,
             model_version,
             batch.warm.tolist(),
-            (batch.lower.tolist(), batch.upper.tolist()) if batch.lower.size else None,
+            (batch.lower, batch.upper) if batch.lower.size else None,
         )
         topic = self.output_topic
         partitions = ticks.partition[rows].tolist()

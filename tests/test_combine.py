@@ -270,7 +270,9 @@ def test_combine_off_serves_the_model_alone_without_bounds() -> None:
     np.testing.assert_allclose(on.model_forecast, off.model_forecast, rtol=1e-6)
     assert on.lower.shape == on.forecast.shape and (on.lower <= on.forecast).all()
     assert not np.array_equal(on.forecast, on.model_forecast)
-    record = ForecastEncoder().encode(["s0"], [1.0], [1], off.forecast[:1].tolist(), "m", [True])
+    record = ForecastEncoder().encode(
+        ["s0"], np.array([1.0]), np.array([1]), off.forecast[:1], "m", [True]
+    )
     assert b"lower" not in record[0]
 
 

@@ -44,6 +44,7 @@ soak: $(STAMP)  ## the randomized daemon test, seed after seed, for SOAK_MINUTES
 
 bench: $(STAMP) .venv-quix/.installed  ## benchmarks with their baselines (and the Quix peer)
 	$(BIN)/python -m benchmarks $(ARGS)
+	$(BIN)/python -m benchmarks e2e --client confluent-kafka --json out/bench-confluent.json $(ARGS)
 
 # The Quix Streams peer of the e2e benchmark, in its own environment (quixstreams pins its own
 # confluent-kafka); `make bench` drains with it when this exists.

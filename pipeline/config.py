@@ -37,10 +37,11 @@ class KafkaSettings(_Section):
     # The Kafka client library. kafka-python (pure Python) is the default; confluent-kafka
     # (librdkafka, ~5x the records per core) is an extra: pip install 'pipeline[librdkafka]'.
     client: Literal["kafka-python", "confluent-kafka"] = "kafka-python"
-    # How the group hands out partitions. cooperative-sticky moves only the partitions that
-    # change owner (the others keep streaming through a rebalance); range is the eager
-    # protocol: every member gives up everything at each rebalance.
-    assignor: Literal["cooperative-sticky", "range", "roundrobin"] = "range"
+    # How the group hands out partitions. range / roundrobin (eager): every member gives up
+    # everything and restores it from the changelog at each rebalance; cooperative-sticky
+    # (incremental): only partitions that change owner are revoked, the others keep streaming
+    # and keep their state. All members of a group must agree (decisions.md #25).
+    assignor: Literal["range", "roundrobin", "cooperative-sticky"] = "range"
     input_topic: str = "ticks"
     output_topic: str = "forecasts"
     dlq_topic: str = "ticks.dlq"

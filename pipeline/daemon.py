@@ -398,7 +398,12 @@ class Daemon:
                 self.unit.commit(in_rebalance=True)
             except BrokerError as exc:  # at-least-once flush interrupted by a stop
                 log.warning("event=commit_on_revoke_failed error=%s", exc)
-        if self._awaiting_assignment_since is None:
+        # The rejoin watchdog waits only when this leaves the member with nothing. Under the
+        # cooperative protocol a member that gives up some partitions, or none (kafka-python
+        # revokes an empty set at each rebalance and may call back no assignment at all),
+        # keeps working and is owed no answer.
+        kept = set(self.source.assignment()) - set(partitions) if self.source else set()
+        if partitions and not kept and self._awaiting_assignment_since is None:
             self._awaiting_assignment_since = time.monotonic()
         if self.source is not None:
             self.source.forget(partitions)

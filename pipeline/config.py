@@ -328,17 +328,28 @@ def load_settings(
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise ConfigError(_describe(dict(first), sources), field=loc) from exc
-    _require_client(settings.kafka.client, sources.get("kafka.client", "default"))
+    _require_client(settings.kafka, sources)
     return settings
 
 
-def _require_client(client: str, source: str) -> None:
-    """ConfigError naming the field and the fix if the chosen client is not installed."""
-    if client == "confluent-kafka" and importlib.util.find_spec("confluent_kafka") is None:
+def _require_client(kafka: KafkaSettings, sources: dict[str, str]) -> None:
+    """ConfigError naming the field and the fix if the chosen client is not installed, or
+    cannot run the chosen assignor."""
+    if kafka.client == "confluent-kafka" and importlib.util.find_spec("confluent_kafka") is None:
         raise ConfigError(
-            f"kafka.client (from {source}) is confluent-kafka, which is not installed: "
-            "pip install 'pipeline[librdkafka]', or set kafka.client: kafka-python",
+            f"kafka.client (from {sources.get('kafka.client', 'default')}) is confluent-kafka, "
+            "which is not installed: pip install 'pipeline[librdkafka]', or set "
+            "kafka.client: kafka-python",
             field="kafka.client",
+        )
+    if kafka.client == "kafka-python" and kafka.assignor == "cooperative-sticky":
+        # decisions.md #25: no callback for an empty assignment, and rebalances that did not
+        # settle on the test broker.
+        raise ConfigError(
+            f"kafka.assignor (from {sources.get('kafka.assignor', 'default')}) is "
+            "cooperative-sticky, which kafka-python does not run reliably: set kafka.client: "
+            "confluent-kafka, or kafka.assignor: range",
+            field="kafka.assignor",
         )
 
 

@@ -241,3 +241,14 @@ def test_a_client_that_is_not_installed_names_the_field_and_the_fix(
     assert err.value.field == "kafka.client" and "environment" in str(err.value)
     monkeypatch.setenv("PIPELINE_KAFKA__CLIENT", "kafka-python")
     assert load_settings().kafka.client == "kafka-python"
+
+
+def test_cooperative_assignment_with_kafka_python_is_refused_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PIPELINE_KAFKA__ASSIGNOR", "cooperative-sticky")
+    with pytest.raises(ConfigError, match=r"confluent-kafka.*range") as err:
+        load_settings()
+    assert err.value.field == "kafka.assignor" and "environment" in str(err.value)
+    monkeypatch.setenv("PIPELINE_KAFKA__CLIENT", "confluent-kafka")
+    assert load_settings().kafka.assignor == "cooperative-sticky"

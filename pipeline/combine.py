@@ -300,28 +300,17 @@ class Combiner:
     def _track_quantiles(
         self, slot: int, x: F64, combined: F64, scale: F64, kept: list[F64]
     ) -> tuple[F64, I64]:
-        """The quantile tracker over a run, tick by tick in plain floats: returns q after each
-        tick's judgment (L, G) and the hits per group."""
-        n_ticks = len(x)
-        out = np.empty((n_ticks, len(self.reps)))
+        """The quantile tracker over a run, tick by tick (compiled when numba is installed):
+        returns q after each tick's judgment (L, G) and the hits per group."""
+        out = np.empty((len(self.reps), len(x)))
         hits = np.zeros(len(self.reps), dtype=np.int64)
-        up, down = self._q_up, self._q_down
-        xs, sc = x.tolist(), scale.tolist()
         for g, r in enumerate(self.reps.tolist()):
-            q = float(self.q[slot, g])
-            root = math.sqrt(r)
-            comb = kept[g][:, self.COMBINED].tolist() + combined[:, r - 1].tolist()
-            width = kept[g][:, self.WIDTH].tolist()  # grows as the run issues bounds
-            col, hit = [], 0
-            for i in range(n_ticks):
-                inside = abs(xs[i] - comb[i]) <= width[i]
-                q *= down if inside else up
-                hit += inside
-                col.append(q)
-                width.append(q * sc[i] * root)
-            out[:, g] = col
-            hits[g] = hit
-        return out, hits
+            issued = np.concatenate([kept[g][:, self.COMBINED], combined[:, r - 1]])
+            hits[g] = combine_kernel.track_quantiles(
+                x, issued, np.ascontiguousarray(kept[g][:, self.WIDTH]), scale,
+                float(self.q[slot, g]), math.sqrt(r), self._q_up, self._q_down, out[g],
+            )  # fmt: skip
+        return out.T, hits
 
     def _ring_rows(self, slots: I64, n: I64) -> I64:
         """(N, G) rows of ``rings`` seen as (capacity * R, 3): the position tick ``n`` writes for

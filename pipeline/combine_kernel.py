@@ -220,8 +220,30 @@ def _wrap(position: int, length: int) -> int:
     return position + length if position < 0 else position
 
 
+def _track_quantiles(
+    x: Floats, combined: Floats, width: Floats, scale: Floats, q: float, root: float,
+    up: float, down: float, out: Floats,
+) -> int:  # fmt: skip
+    """One horizon group's quantile tracker over a hot stream's run of L ticks (r_g = r):
+    ``combined`` (r + L,) the forecasts for step r issued from r ticks before the run on,
+    ``width`` (r,) the half-widths issued with the first r of them (the run issues the rest:
+    ``q * scale * root`` after each tick), ``q`` the tracker before the run. Writes q after each
+    tick into ``out`` (L,); returns how many ticks fell inside their interval."""
+    r = len(width)
+    hits = 0
+    for i in range(len(x)):
+        w = width[i] if i < r else out[i - r] * scale[i - r] * root
+        inside = abs(x[i] - combined[i]) <= w
+        q *= down if inside else up
+        hits += inside
+        out[i] = q
+    return hits
+
+
+track_quantiles: Any = _track_quantiles
 step: Any = None
 if numba is not None:
+    track_quantiles = numba.njit(cache=True, nogil=True)(_track_quantiles)
     _wrap = numba.njit(cache=True, inline="always")(_wrap)
     _seasonal = numba.njit(cache=True, inline="always")(_seasonal)
     step = numba.njit(cache=True, nogil=True)(_step)

@@ -91,11 +91,11 @@ class ForecastBatch:
 HOT_MIN_TICKS = 16
 # ... at most this many per batch ...
 HOT_MAX_STREAMS = 32
-# ... when it pays: a sequential GRU step costs about a fifth of a wave's fixed cost, and a
-# sequence call about one wave (measured on the 2-core machine: 55 us per step of torch.gru
-# against ~300 us for a wave of a few rows). See _choose_hot.
-STEP_COST_IN_WAVES = 0.2
-SEQUENCE_COST_IN_WAVES = 1.0
+# ... when it pays: one stream's batch of L ticks through Engine.process with and without
+# sequences, 2-core machine, 1 torch thread: a one-row wave costs ~680 us; a sequence ~2.7 ms
+# (normalizer run, combiner run, two compiled GRU layers) plus ~12 us per tick. See _choose_hot.
+STEP_COST_IN_WAVES = 0.02
+SEQUENCE_COST_IN_WAVES = 4.0
 
 
 @dataclass
@@ -241,7 +241,7 @@ class Engine:
         )
         rank, streams, stream_index = _rank_by_stream(batch.stream)
         slot_of = self.store.slot_of
-        known = np.fromiter((s in slot_of for s in streams), dtype=bool, count=len(streams))
+        known = np.fromiter(map(slot_of.__contains__, streams), dtype=bool, count=len(streams))
         slot_of_tick = self.store.slots_for(streams)[stream_index]  # (N,)
         values = batch.values
         if self.meta.target_transform == "log":  # the decoder rejected values <= 0; state and
@@ -346,7 +346,7 @@ class Engine:
         out: _Outputs,
     ) -> npt.NDArray[np.bool_] | None:
         """Run streams holding many of the batch's ticks as sequences (one ``lfilter`` pass
-        of the normalizer and one ``nn.GRU`` call over the run) instead of one wave per tick.
+        of the normalizer and one compiled GRU pass over the run) instead of one wave per tick.
         Returns the mask of rows still to go through waves, or None if no stream was hot.
 
         Which streams: see :func:`_choose_hot`; a chosen stream with a missing value in its
@@ -393,10 +393,9 @@ class Engine:
         x = values[run_rows]
         run = norm.run(slot, x, batch.ts[run_rows], self.target)
         state = [h[slot : slot + 1] for h in store.hidden]
-        with torch.no_grad():
-            y, new_state = self.model(torch.from_numpy(run.step.inputs)[None], state)
+        y, new_state = self.model.sequence(torch.from_numpy(run.step.inputs), state)
         scale = run.step.scale[:, None] * self._hscale
-        forecast = run.step.last[:, None] + scale * y[0].double().numpy()  # (L, H)
+        forecast = run.step.last[:, None] + scale * y.double().numpy()  # (L, H)
         if not np.isfinite(forecast).all():
             # Back to the waves for the rest: undo nothing (nothing was written for run_rows).
             out.model_seconds += time.perf_counter() - t0
@@ -490,6 +489,8 @@ class Engine:
         hits = np.bincount(processed, minlength=len(streams))
         for j in np.flatnonzero((hits == 0) & ~known).tolist():
             self.store.evict(streams[j])
+        if hits.all():
+            return streams
         return [streams[j] for j in np.flatnonzero(hits).tolist()]
 
     def _fill_missing(self, rows: I64, vals: F64, slots: I64) -> tuple[I64, F64, I64]:
@@ -598,15 +599,13 @@ def _choose_hot(counts: I64) -> I64:
 def _rank_by_stream(streams: Sequence[str]) -> tuple[I64, list[str], I64]:
     """Per tick: its position within its stream; the distinct streams (first-seen order); each
     tick's index into them."""
-    index_of: dict[str, int] = {}
-    setdefault = index_of.setdefault
-    codes = np.fromiter(
-        (setdefault(s, len(index_of)) for s in streams), dtype=np.int64, count=len(streams)
-    )
+    distinct = list(dict.fromkeys(streams))  # C-level: no Python frame per tick
+    index_of = dict(zip(distinct, range(len(distinct)), strict=True))
+    codes = np.fromiter(map(index_of.__getitem__, streams), dtype=np.int64, count=len(streams))
     order = np.argsort(codes, kind="stable")
     sorted_codes = codes[order]
     starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
     first = np.repeat(starts, np.diff(np.r_[starts, len(codes)]))
     rank = np.empty(len(codes), dtype=np.int64)
     rank[order] = np.arange(len(codes)) - first
-    return rank, list(index_of), codes
+    return rank, distinct, codes

@@ -30,6 +30,7 @@ record only if that offset is below the partition's committed offset.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 import time
@@ -182,19 +183,18 @@ class StateStore:
         While an undo log is open, the existing streams' state is copied first and the new ones
         are noted, so :meth:`rollback` can put everything back.
         """
-        out = np.empty(len(streams), dtype=np.int64)
-        slot_of = self.slot_of
+        # C-level lookups: the per-stream Python loop below runs only for new streams.
+        out = np.fromiter(
+            map(self.slot_of.get, streams, itertools.repeat(-1)), dtype=np.int64,
+            count=len(streams),
+        )  # fmt: skip
+        for i in np.flatnonzero(out < 0).tolist():
+            out[i] = self._allocate(streams[i])
         undo = self._undo
-        known: list[str] = []
-        for i, stream in enumerate(streams):
-            slot = slot_of.get(stream)
-            if slot is None:
-                slot = self._allocate(stream)
-            elif undo is not None and stream not in undo.saved and stream not in undo.created:
-                known.append(stream)  # its state before the log opened: keep a copy
-            out[i] = slot
-        if known:
-            self._save(known)
+        if undo is not None:  # existing streams without a before-image yet (new ones: created)
+            known = set(streams).difference(undo.saved, undo.created)
+            if known:
+                self._save(list(known))
         return out
 
     def _allocate(self, stream: str) -> int:

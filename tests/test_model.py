@@ -139,6 +139,43 @@ def test_step_equals_forward(cell: str) -> None:
     assert not torch.allclose(y_zero[:, 0], y_seq[:, 0], atol=1e-4)
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_sequence_equals_forward(cell: str) -> None:
+    """The serving path for one stream's run (compiled recurrence for GRU, ``forward`` for the
+    others) gives forward's numbers to float32 rounding, from a non-zero state, over a run long
+    enough for rounding to compound."""
+    torch.manual_seed(11)
+    model = Forecaster(ModelConfig(n_inputs=3, layers=(64, 32), horizon=6, cell=cell))  # type: ignore[arg-type]
+    steps = 2_000
+    x = torch.randn(steps, 3) * 2.0
+    state0 = [0.5 * torch.randn(1, s) for s in model.state_sizes]
+    with torch.no_grad():
+        want_y, want_state = model(x[None], [s.clone() for s in state0])
+    got_y, got_state = model.sequence(x, [s.clone() for s in state0])
+    assert got_y.shape == (steps, 6)
+    torch.testing.assert_close(got_y, want_y[0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(got_state, want_state, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(s.abs().sum() > 0 for s in state0)
+    assert not got_y.requires_grad
+
+
+def test_gru_kernel_propagates_non_finite_inputs() -> None:
+    """No finite-math shortcuts: an infinite or NaN input reaches the output as in torch, so the
+    engine's finiteness guard still sees it."""
+    torch.manual_seed(12)
+    model = Forecaster(ModelConfig(n_inputs=3, layers=(8, 4), horizon=2))
+    x = torch.randn(5, 3)
+    x[2, 0] = float("nan")
+    got_y, _ = model.sequence(x, model.initial_state(1))
+    with torch.no_grad():
+        want_y, _ = model(x[None])
+    assert torch.isfinite(got_y[:2]).all()
+    assert torch.equal(torch.isnan(got_y), torch.isnan(want_y[0]))
+    assert torch.isnan(got_y[2:]).all()
+
+
 def test_step_does_not_track_gradients() -> None:
     model = Forecaster(ModelConfig())
     y, state = model.step(torch.randn(2, 3), model.initial_state(2))

@@ -297,8 +297,7 @@ class Daemon:
         if self._to_restore:
             unit.commit()  # restored state must not enter the open transaction's undo log
             self._restore_pending()
-        if polled:
-            unit.add(polled)
+        unit.add(polled)  # an empty poll too: it tells the cadence nothing is waiting
         if unit.due():
             unit.commit()
         if now >= self._next_progress:

@@ -9,7 +9,8 @@ once per commit (not once per poll), and reports the committed batches to the me
 
 Cadence: a commit covers up to ``kafka.commit_interval_ms`` or ``kafka.commit_records``,
 whichever comes first (as Kafka Streams' ``commit.interval.ms`` and Quix Streams' checkpoint
-do). The daemon must call :meth:`Transaction.commit` before anything changes the store outside
+do); when the last poll was not full (the daemon is caught up: a longer transaction would only
+add latency), up to ``kafka.commit_caught_up_ms``. The daemon must call :meth:`Transaction.commit` before anything changes the store outside
 the engine (rebalance, restore, model reload, shutdown): the undo log would not know those
 changes, and offsets of a revoked partition must not be committed by its former owner.
 
@@ -104,7 +105,10 @@ class Transaction:
         self.sink: AtLeastOnceSink | ExactlyOnceSink | None = None
         kafka = settings.kafka
         self.interval_s = kafka.commit_interval_ms / 1000
+        self.caught_up_interval_s = min(kafka.commit_caught_up_ms, kafka.commit_interval_ms) / 1000
         self.max_records = kafka.commit_records
+        self.full_poll = kafka.max_poll_records
+        self.caught_up = False  # the last micro-batch was smaller than a full poll
         # Consecutive failed transactions: 0.1 s, doubling, at most 15 s before the next one.
         self.backoff = Backoff(stop, first_s=0.1, max_s=MAX_BACKOFF_S)
         self._reset()
@@ -128,14 +132,18 @@ class Transaction:
         if not self.is_open:
             return False
         now = time.monotonic() if now is None else now
-        return self._pending.records >= self.max_records or now - self.opened_at >= self.interval_s
+        return self._pending.records >= self.max_records or now - self.opened_at >= self._interval()
 
     def time_left_ms(self, now: float | None = None) -> int:
         """Milliseconds until the open transaction is due (for the poll timeout)."""
         if not self.is_open:
             return 1 << 30
         now = time.monotonic() if now is None else now
-        return max(int((self.opened_at + self.interval_s - now) * 1000), 0)
+        return max(int((self.opened_at + self._interval() - now) * 1000), 0)
+
+    def _interval(self) -> float:
+        """How long the open transaction may stay open, in seconds (see the cadence above)."""
+        return self.caught_up_interval_s if self.caught_up else self.interval_s
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -145,6 +153,7 @@ class Transaction:
         Returns False if the transaction could not begin (the records were rewound and a
         backoff taken: they come again). Commits when the cadence says so.
         """
+        self.caught_up = len(polled) < self.full_poll
         if not len(polled):
             return True
         if not self.is_open and not self._open(polled):

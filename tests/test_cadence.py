@@ -1,0 +1,46 @@
+"""The commit cadence of :class:`pipeline.transaction.Transaction` (no Kafka: only the clock)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pipeline.checkpoint import StateKeeper
+from pipeline.config import load_settings
+from pipeline.engine import Engine
+from pipeline.model import load_model
+from pipeline.source import Polled
+from pipeline.transaction import Transaction
+
+
+def _unit(**kafka: int) -> Transaction:
+    settings = load_settings(overrides={"kafka": kafka})
+    engine = Engine(load_model())
+    unit = Transaction(settings, engine, StateKeeper(settings, engine.store), threading.Event())
+    unit.is_open, unit.opened_at = True, 0.0  # as _open leaves it at t = 0
+    return unit
+
+
+def test_a_caught_up_daemon_commits_sooner() -> None:
+    unit = _unit(commit_interval_ms=100, commit_caught_up_ms=25, max_poll_records=10)
+    assert not unit.caught_up  # until a poll says otherwise: the longer cadence
+    assert unit.time_left_ms(now=0.010) == 90
+    assert not unit.due(now=0.030)
+    assert unit.add(Polled())  # an empty poll: nothing is waiting
+    assert unit.caught_up
+    assert unit.time_left_ms(now=0.010) == 15
+    assert not unit.due(now=0.020)
+    assert unit.due(now=0.030)
+    unit.caught_up = False  # as after a full poll (max_poll_records records): a backlog
+    assert not unit.due(now=0.030)
+    assert unit.due(now=0.100)
+
+
+@pytest.mark.parametrize(("interval", "caught_up", "want_ms"), [(100, 500, 100), (0, 25, 0)])
+def test_the_caught_up_cadence_is_never_longer_than_the_interval(
+    interval: int, caught_up: int, want_ms: int
+) -> None:
+    unit = _unit(commit_interval_ms=interval, commit_caught_up_ms=caught_up)
+    unit.add(Polled())
+    assert unit.time_left_ms(now=0.0) == want_ms

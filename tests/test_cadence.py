@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -35,6 +36,30 @@ def test_a_caught_up_daemon_commits_sooner() -> None:
     unit.caught_up = False  # as after a full poll (max_poll_records records): a backlog
     assert not unit.due(now=0.030)
     assert unit.due(now=0.100)
+
+
+def test_slow_commits_stretch_the_caught_up_cadence_and_a_backlog_is_not_caught_up() -> None:
+    unit = _unit(commit_interval_ms=100, commit_caught_up_ms=25, max_poll_records=10)
+    unit.add(Polled())
+    unit.last_commit_s = 0.015  # a slow commit: open at least COMMIT_DUTY (4) times as long
+    assert unit.time_left_ms(now=0.0) == 60
+    unit.last_commit_s = 0.5  # never past the interval
+    assert unit.time_left_ms(now=0.0) == 100
+    unit.last_commit_s = 0.0
+    unit.add(Polled(behind=10))  # a poll's worth of records waits behind this one
+    assert not unit.caught_up
+    assert unit.time_left_ms(now=0.0) == 100
+
+
+def test_a_busy_process_keeps_the_long_cadence() -> None:
+    """Early commits spend idle CPU: a process using most of a core is not caught up."""
+    unit = _unit(commit_interval_ms=100, commit_caught_up_ms=25)
+    wall, cpu = time.monotonic(), time.process_time()
+    unit._window = (wall - 1.0, cpu - 0.9)  # 0.9 CPU seconds in the last second
+    unit.add(Polled())
+    assert unit.load > 0.5
+    assert not unit.caught_up
+    assert unit.time_left_ms(now=0.0) == 100
 
 
 @pytest.mark.parametrize(("interval", "caught_up", "want_ms"), [(100, 500, 100), (0, 25, 0)])

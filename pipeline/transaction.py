@@ -122,7 +122,10 @@ class Transaction:
         self.full_poll = kafka.max_poll_records
         self.caught_up = False  # see the module docstring
         self.last_commit_s = 0.0  # how long the last successful commit took
-        self.load = 0.0  # CPU seconds per second of this process over the last full window
+        # CPU seconds per second of this process over the last full window; busy until the
+        # first window is measured (early commits at start-up, before the daemon knows its
+        # load, left kafka-python at 5k ticks/s with a backlog it then carried for minutes).
+        self.load = 1.0
         self._window = (time.monotonic(), time.process_time())
         # Consecutive failed transactions: 0.1 s, doubling, at most 15 s before the next one.
         self.backoff = Backoff(stop, first_s=0.1, max_s=MAX_BACKOFF_S)

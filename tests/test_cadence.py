@@ -20,6 +20,7 @@ def _unit(**kafka: int) -> Transaction:
     engine = Engine(load_model())
     unit = Transaction(settings, engine, StateKeeper(settings, engine.store), threading.Event())
     unit.is_open, unit.opened_at = True, 0.0  # as _open leaves it at t = 0
+    unit.load = 0.0  # as measured on an idle process
     return unit
 
 
@@ -52,7 +53,13 @@ def test_slow_commits_stretch_the_caught_up_cadence_and_a_backlog_is_not_caught_
 
 
 def test_a_busy_process_keeps_the_long_cadence() -> None:
-    """Early commits spend idle CPU: a process using most of a core is not caught up."""
+    """Early commits spend idle CPU: a process using most of a core is not caught up, nor one
+    whose load is not measured yet."""
+    settings = load_settings(overrides={"kafka": {"commit_caught_up_ms": 25}})
+    engine = Engine(load_model())
+    fresh = Transaction(settings, engine, StateKeeper(settings, engine.store), threading.Event())
+    fresh.add(Polled())
+    assert not fresh.caught_up
     unit = _unit(commit_interval_ms=100, commit_caught_up_ms=25)
     wall, cpu = time.monotonic(), time.process_time()
     unit._window = (wall - 1.0, cpu - 0.9)  # 0.9 CPU seconds in the last second

@@ -5,6 +5,10 @@ embedded Tansu broker, produces the ticks (the load generator's random walks), r
 :class:`pipeline.daemon.Daemon` in this process until every tick has an outcome, and prints the
 drain rate and the functions with the most cumulative and own time. A developer tool: the figures
 the README quotes come from ``python -m benchmarks e2e``, which runs the daemon as its own process.
+
+``--rate R [--seconds S]`` profiles a paced run instead: the load generator offers R ticks/s in
+its own process for S seconds while the daemon runs here; it prints the daemon's CPU seconds per
+1,000 ticks (this process, all threads) beside the profile: where CPU goes at low rates.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
+
+import torch
 
 from pipeline import metrics
 from pipeline.config import load_settings
@@ -35,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guarantee", default="exactly_once")
     parser.add_argument("--no-profile", action="store_true", help="time only")
     parser.add_argument("--save", help="also write the cProfile stats to this file (pstats)")
+    parser.add_argument("--rate", type=float, help="paced run: ticks/s offered (own process)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="paced run: duration")
     args = parser.parse_args(argv)
     with EmbeddedBroker() as broker:
         settings = load_settings(
@@ -53,16 +63,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         )
         ensure_topics(settings.kafka, ["in", "out", "dlq"], 6)
-        producer = loadgen.make_producer(broker.bootstrap_servers)
-        loadgen.produce_count(producer, "in", args.ticks, args.streams)
-        producer.close()
+        generator = None
+        if args.rate:
+            generator = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.loadgen", "--bootstrap-servers",
+                 broker.bootstrap_servers, "--topic", "in", "--streams", str(args.streams),
+                 "--rate", str(args.rate), "--warmup", "0", "--duration", str(args.seconds)],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        else:
+            producer = loadgen.make_producer(broker.bootstrap_servers)
+            loadgen.produce_count(producer, "in", args.ticks, args.streams)
+            producer.close()
+        torch.set_num_threads(settings.model.torch_threads)  # as pipeline run does
         daemon = Daemon(settings, load_model(None))
-        tune_gc()  # as pipeline run does
+        tune_gc()  # likewise
         done = threading.Event()
 
         def watch() -> None:
-            while daemon.totals.consumed < args.ticks and not done.is_set():
-                time.sleep(0.05)
+            if generator is not None:
+                generator.wait()
+            else:
+                while daemon.totals.consumed < args.ticks and not done.is_set():
+                    time.sleep(0.05)
             daemon.request_stop()
 
         threading.Thread(target=watch, daemon=True).start()
@@ -71,10 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = [0.0]
         original = daemon.step
 
+        cpu = [0.0, 0]  # CPU seconds and ticks counted from the first record on
+
         def step(timeout_ms: int) -> int:
             n = original(timeout_ms)
             if n and not started[0]:
                 started[0] = time.perf_counter()
+                cpu[:] = [time.process_time(), daemon.totals.consumed]
             return n
 
         daemon.step = step  # type: ignore[method-assign]
@@ -84,10 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         profiler.disable()
         done.set()
         seconds = time.perf_counter() - started[0]
+        cpu_s, ticks = time.process_time() - cpu[0], daemon.totals.consumed - cpu[1]
         print(
             f"drained {daemon.totals.consumed:,} ticks in {seconds:.2f} s: "
             f"{daemon.totals.consumed / seconds:,.0f} ticks/s ({args.guarantee}, "
-            f"{'profiled' if not args.no_profile else 'not profiled'})"
+            f"{'profiled' if not args.no_profile else 'not profiled'}); "
+            f"CPU {cpu_s / max(ticks, 1) * 1000:.3f} s per 1,000 ticks"
         )
         metrics.ACTIVE_STREAMS.set(0)
     if not args.no_profile:

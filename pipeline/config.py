@@ -79,13 +79,6 @@ class KafkaSettings(_Section):
     # read_committed consumers at the commit, so this bounds the latency it adds.
     commit_interval_ms: int = Field(default=100, ge=0)
     commit_records: int = Field(default=10_000, ge=1)
-    # ... but when the daemon is caught up (its last poll was not full, nothing waits behind
-    # it, and the process has idle CPU), a transaction commits once it is this old: latency
-    # near the passthrough's at moderate rates, while under a backlog or near capacity commits
-    # stay commit_interval_ms apart and amortize their cost (pipeline.transaction,
-    # decisions.md #27). At most commit_interval_ms is used; set it to commit_interval_ms for a
-    # fixed cadence.
-    commit_caught_up_ms: int = Field(default=25, ge=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     linger_ms: int = Field(default=5, ge=0)
     # Producer batch size per partition. kafka-python's 16 KiB default splits one poll's

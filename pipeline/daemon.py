@@ -297,7 +297,8 @@ class Daemon:
         if self._to_restore:
             unit.commit()  # restored state must not enter the open transaction's undo log
             self._restore_pending()
-        unit.add(polled)  # an empty poll too: it tells the cadence nothing is waiting
+        if polled:
+            unit.add(polled)
         if unit.due():
             unit.commit()
         if now >= self._next_progress:

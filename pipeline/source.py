@@ -37,9 +37,6 @@ class Polled:
     # is rolled back (only partitions with records in this batch).
     starts: dict[int, int] = field(default_factory=dict)
     skipped: int = 0  # redelivered records already processed by this instance
-    # Records known to wait behind this batch in its partitions: the high watermark as of the
-    # client's last fetch minus the batch's next offset (0 where unknown).
-    behind: int = 0
 
     def __len__(self) -> int:
         return len(self.ticks) + len(self.rejections)
@@ -89,9 +86,6 @@ class Source:
                 raw.extend(kept)
             polled.offsets[p] = records[-1][3] + 1
             self._next[p] = max(first, records[-1][3] + 1)
-            high = self.consumer.highwater(p)
-            if high is not None:
-                polled.behind += max(high - polled.offsets[p], 0)
         if raw:
             polled.ticks, polled.rejections = decode_records(
                 self.topic,

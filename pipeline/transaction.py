@@ -9,13 +9,7 @@ once per commit (not once per poll), and reports the committed batches to the me
 
 Cadence: a commit covers up to ``kafka.commit_interval_ms`` or ``kafka.commit_records``,
 whichever comes first (as Kafka Streams' ``commit.interval.ms`` and Quix Streams' checkpoint
-do). When the daemon is caught up, a longer transaction would only add latency, so it commits
-once it is ``kafka.commit_caught_up_ms`` old instead. Caught up means: the last poll was not
-full, no more than a poll's worth of records waits behind it, and the process used less than
-``IDLE_SHARE`` of a core over the last second (early commits spend idle CPU; a daemon near its
-capacity, e.g. kafka-python at 5k ticks/s, would only queue behind them). The early cadence is
-also at least ``COMMIT_DUTY`` times the last commit's duration (a slow broker).
-The daemon must call :meth:`Transaction.commit` before anything changes the store outside
+do). The daemon must call :meth:`Transaction.commit` before anything changes the store outside
 the engine (rebalance, restore, model reload, shutdown): the undo log would not know those
 changes, and offsets of a revoked partition must not be committed by its former owner.
 
@@ -49,13 +43,6 @@ from pipeline.source import Polled, Source
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 15.0
-# When caught up, a transaction stays open at least this many times the last commit's duration:
-# commits then take at most about a fifth of the loop's time, whatever they cost.
-COMMIT_DUTY = 4.0
-# Early commits only while the process used less than this share of one core (CPU seconds per
-# second, all threads) over the last LOAD_WINDOW_S.
-IDLE_SHARE = 0.5
-LOAD_WINDOW_S = 1.0
 
 
 @dataclass
@@ -117,16 +104,7 @@ class Transaction:
         self.sink: AtLeastOnceSink | ExactlyOnceSink | None = None
         kafka = settings.kafka
         self.interval_s = kafka.commit_interval_ms / 1000
-        self.caught_up_interval_s = min(kafka.commit_caught_up_ms, kafka.commit_interval_ms) / 1000
         self.max_records = kafka.commit_records
-        self.full_poll = kafka.max_poll_records
-        self.caught_up = False  # see the module docstring
-        self.last_commit_s = 0.0  # how long the last successful commit took
-        # CPU seconds per second of this process over the last full window; busy until the
-        # first window is measured (early commits at start-up, before the daemon knows its
-        # load, left kafka-python at 5k ticks/s with a backlog it then carried for minutes).
-        self.load = 1.0
-        self._window = (time.monotonic(), time.process_time())
         # Consecutive failed transactions: 0.1 s, doubling, at most 15 s before the next one.
         self.backoff = Backoff(stop, first_s=0.1, max_s=MAX_BACKOFF_S)
         self._reset()
@@ -150,29 +128,14 @@ class Transaction:
         if not self.is_open:
             return False
         now = time.monotonic() if now is None else now
-        return self._pending.records >= self.max_records or now - self.opened_at >= self._interval()
+        return self._pending.records >= self.max_records or now - self.opened_at >= self.interval_s
 
     def time_left_ms(self, now: float | None = None) -> int:
         """Milliseconds until the open transaction is due (for the poll timeout)."""
         if not self.is_open:
             return 1 << 30
         now = time.monotonic() if now is None else now
-        return max(int((self.opened_at + self._interval() - now) * 1000), 0)
-
-    def _interval(self) -> float:
-        """How long the open transaction may stay open, in seconds (see the cadence above)."""
-        if not self.caught_up:
-            return self.interval_s
-        paced = max(self.caught_up_interval_s, COMMIT_DUTY * self.last_commit_s)
-        return min(paced, self.interval_s)
-
-    def _measure_load(self) -> None:
-        wall0, cpu0 = self._window
-        wall = time.monotonic()
-        if wall - wall0 >= LOAD_WINDOW_S:
-            cpu = time.process_time()
-            self.load = (cpu - cpu0) / (wall - wall0)
-            self._window = (wall, cpu)
+        return max(int((self.opened_at + self.interval_s - now) * 1000), 0)
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -182,12 +145,6 @@ class Transaction:
         Returns False if the transaction could not begin (the records were rewound and a
         backoff taken: they come again). Commits when the cadence says so.
         """
-        self._measure_load()
-        self.caught_up = (
-            len(polled) < self.full_poll
-            and polled.behind < self.full_poll
-            and self.load < IDLE_SHARE
-        )
         if not len(polled):
             return True
         if not self.is_open and not self._open(polled):
@@ -305,8 +262,7 @@ class Transaction:
                 metrics.COMMIT_FAILURES.inc()
         self.keeper.batch_committed()
         self.backoff.reset()
-        self.last_commit_s = time.perf_counter() - started
-        metrics.COMMIT_SECONDS.observe(self.last_commit_s)
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         self._report(time.time())
         self._reset()
         return True

@@ -92,8 +92,7 @@ def _check(docs: list[dict], ref: dict[tuple[str, int], list]) -> None:
 
 CADENCES = {
     "per_poll": {"commit_interval_ms": 0},
-    # ~3 polls per commit, caught up or not
-    "multi_poll": {"commit_interval_ms": 3000, "commit_caught_up_ms": 3000, "commit_records": 12},
+    "multi_poll": {"commit_interval_ms": 3000, "commit_records": 12},  # ~3 polls per commit
 }
 
 
@@ -223,12 +222,7 @@ def test_a_transaction_open_at_a_rebalance_is_committed_by_the_revoke(
     (stream, seq) is forecast once, as in an uninterrupted run. With the cooperative protocol
     only the partition that moves is revoked; the other keeps its streams."""
     inp, group = unique("ticks"), unique("g")
-    cadence = {
-        "commit_interval_ms": 2000,
-        "commit_caught_up_ms": 2000,
-        "commit_records": 10**6,
-        "assignor": assignor,
-    }
+    cadence = {"commit_interval_ms": 2000, "commit_records": 10**6, "assignor": assignor}
     if assignor == "cooperative-sticky" and kafka_client == "kafka-python":
         with pytest.raises(ConfigError, match=r"kafka\.assignor"):  # refused: decisions.md #25
             _settings(bootstrap, inp, group, kafka=cadence)

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 UNSUPPORTED = {KafkaError._UNSUPPORTED_FEATURE, KafkaError.UNSUPPORTED_VERSION}
-# librdkafka's "no offset" sentinel and friends are negative.
-NO_OFFSET = 0
+# ConsumerClient.committed reports a partition without a committed offset as 0; librdkafka's
+# sentinels for it (OFFSET_INVALID and friends) are negative, so max() with this maps them.
+NONE_COMMITTED = 0
 
 
 def _common(kafka: KafkaSettings) -> dict[str, object]:
@@ -174,7 +175,7 @@ class Consumer:
         for tp in got:
             if tp.error is not None:
                 raise ClientError(f"partition {tp.partition}: {tp.error}")
-        return {tp.partition: max(tp.offset, NO_OFFSET) for tp in got}
+        return {tp.partition: max(tp.offset, NONE_COMMITTED) for tp in got}
 
     def seek(self, partition: int, offset: int) -> None:
         try:
@@ -212,7 +213,6 @@ class Producer:
     """:class:`~pipeline.clients.ProducerClient` on a librdkafka producer."""
 
     def __init__(self, kafka: KafkaSettings, transactional_id: str | None) -> None:
-        self.transactional_id = transactional_id
         # Under the sink's watchdog (transaction_timeout_ms), so librdkafka answers first.
         self.call_timeout_s = 0.9 * kafka.transaction_timeout_ms / 1000
         conf: dict[str, object] = {

@@ -146,7 +146,6 @@ class Producer:
     """:class:`~pipeline.clients.ProducerClient` on a kafka-python ``KafkaProducer``."""
 
     def __init__(self, kafka: KafkaSettings, transactional_id: str | None) -> None:
-        self.transactional_id = transactional_id
         mode: dict[str, object]
         if transactional_id is None:
             # Idempotence breaks for good on a broker restart with Tansu; ordering is kept by

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from pipeline import gru_kernel
 from pipeline.combine import CombineConfig, Combined, Combiner
 from pipeline.messages import Tick
 from pipeline.model import LoadedModel
@@ -167,6 +168,8 @@ class Engine:
         self.horizon = loaded.model.config.horizon
         self._hscale = horizon_scale(self.horizon)  # (H,)
         self.combine = combine or CombineConfig()
+        if self.model.config.cell == "gru":
+            gru_kernel.warm()  # hot streams run it; compile now, not in the first hot batch
         self.store = StateStore(
             loaded.model.state_sizes,
             loaded.meta.normalizer,

@@ -74,3 +74,14 @@ def gru_layer(x: F32, h0: F32, w_ih: F32, w_hh: F32, b_ih: F32, b_hh: F32) -> F3
     out = np.empty((len(x), len(h0)), dtype=np.float32)
     recurrence(gates_x, np.ascontiguousarray(w_hh.T), b_hh, np.ascontiguousarray(h0), out)
     return out
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) the loop now, so the first hot stream a daemon
+    meets does not wait for it (~2 s to compile, ~0.1 s from the cache). Idempotent."""
+    if numba is None or recurrence.signatures:
+        return
+    f32 = np.float32
+    gates, size = 6, 2
+    gru_layer(np.zeros((1, 1), f32), np.zeros(size, f32), np.zeros((gates, 1), f32),
+              np.zeros((gates, size), f32), np.zeros(gates, f32), np.zeros(gates, f32))  # fmt: skip

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,18 @@ def test_only_streams_whose_move_saves_waves_become_sequences() -> None:
     assert _choose_hot(np.array([200])).tolist() == [0]  # alone in its batch
     assert _choose_hot(np.array([18, 17, 3])).tolist() == [0, 1]  # two hot ones
     assert _choose_hot(np.array([16, 1, 1])).tolist() == []  # too short to bother
+
+
+def test_the_engine_compiles_the_sequence_kernel_up_front() -> None:
+    """A daemon's first hot stream must not wait seconds for numba: the engine warms it. In a
+    fresh interpreter, where nothing else has run the kernel yet."""
+    code = (
+        "from pipeline import gru_kernel\n"
+        "from pipeline.engine import Engine\n"
+        "from pipeline.model import load_model\n"
+        "assert gru_kernel.AVAILABLE\n"
+        "assert not gru_kernel.recurrence.signatures\n"
+        "Engine(load_model())\n"
+        "assert gru_kernel.recurrence.signatures\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -175,3 +175,27 @@ def test_the_engine_compiles_the_sequence_kernel_up_front() -> None:
         "assert gru_kernel.recurrence.signatures\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("odd", [1e300, -1e300, 5e-324, 1.7e308])
+def test_a_hot_stream_with_values_near_the_float_limits_matches_the_waves(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, odd: float
+) -> None:
+    """Values near the float limits inside a hot stream's run (the compiled GRU must let the
+    overflow show, so the stream is reset where the waves reset it), then an ordinary batch."""
+    hot_engine, wave_engine = _engines(models["uni"], "dead_letter")
+    for k in range(3):
+        ticks = [Tick("h", T0 + 100 * k + i, (50.0 + math.sin(i),), Source("in", 0, 100 * k + i))
+                 for i in range(60)]  # fmt: skip
+        ticks += [Tick(f"c{j}", T0 + 100 * k, (3.0 + j,), Source("in", 1, 10 * k + j))
+                  for j in range(4)]  # fmt: skip
+        if k == 1:
+            ticks[30] = Tick("h", ticks[30].ts, (odd,), ticks[30].source)
+            ticks[31] = Tick("h", ticks[31].ts, (-odd,), ticks[31].source)
+        got = hot_engine.process(ticks)
+        want = _waves_only(wave_engine, ticks, monkeypatch)
+        assert got.waves < want.waves  # "h" went through the sequence path
+        assert np.isfinite(got.forecast).all()
+        _same(got, want)
+        assert got.resets == want.resets
+    _stores_agree(hot_engine, wave_engine)

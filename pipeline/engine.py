@@ -367,31 +367,36 @@ class Engine:
             rows = by_stream[start : start + counts[j]]  # input order
             if np.isnan(values[rows]).any():
                 continue
-            if self._sequence(batch, values, rows, int(slot_of_tick[rows[0]]), out):
-                in_waves[rows] = False
-                out.sequences += 1
+            self._sequence(batch, values, rows, int(slot_of_tick[rows[0]]), out)
+            in_waves[rows] = False
+            out.sequences += 1
         return in_waves
 
-    def _sequence(self, batch: TickBatch, values: F64, rows: I64, slot: int, out: _Outputs) -> bool:
+    def _sequence(self, batch: TickBatch, values: F64, rows: I64, slot: int, out: _Outputs) -> None:
         """All ticks of one stream (``rows``, input order, no missing value) as one sequence.
-        Returns False, having changed nothing, if the outputs would not be finite (the wave
-        path then resets the stream at the tick that overflows, as for any stream)."""
+
+        A stream's first two ticks are special cases, so they (and any after an overflow
+        reset, which leaves the stream cold again) go one by one as in the waves. If the run's
+        outputs would not be finite, the rest goes one by one too: the wave path resets the
+        stream at the tick that overflows, and ticks after a reset are judged late against the
+        reset state, not against the ticks before it."""
         store = self.store
         norm = store.normalizer
-        ts = batch.ts[rows]
-        late = np.zeros(len(rows), dtype=bool)
-        if self.late_policy != "accept":
-            before = norm.last_ts[slot] if norm.count[slot] > 0 else -np.inf
-            newest = np.maximum.accumulate(np.concatenate([[before], ts]))[:-1]
-            late = ts < newest  # older than the newest tick before it (the first never is)
-        accepted = rows[~late]
-        lead = max(0, min(2 - int(norm.count[slot]), len(accepted)))
-        for r in accepted[:lead].tolist():  # a stream's first two ticks are special cases
-            self._step_rows(batch, np.array([r]), np.array([slot]), values[[r]], out)
-        run_rows = accepted[lead:]
+        start = 0
+        while start < len(rows) and norm.count[slot] < 2:
+            self._step_one(batch, values, int(rows[start]), slot, out)
+            start += 1
+        rest = rows[start:]
+        if len(rest) == 0:
+            return
+        late = np.zeros(len(rest), dtype=bool)
+        if self.late_policy != "accept":  # count >= 2 here: the stream has a newest tick
+            newest = np.maximum.accumulate(np.concatenate([[norm.last_ts[slot]], batch.ts[rest]]))
+            late = batch.ts[rest] < newest[:-1]  # older than the newest tick before it
+        run_rows = rest[~late]
         if len(run_rows) == 0:
-            out.late[rows[late]] = True
-            return True
+            out.late[rest] = True
+            return
         t0 = time.perf_counter()
         x = values[run_rows]
         run = norm.run(slot, x, batch.ts[run_rows], self.target)
@@ -400,12 +405,11 @@ class Engine:
         scale = run.step.scale[:, None] * self._hscale
         forecast = run.step.last[:, None] + scale * y.double().numpy()  # (L, H)
         if not np.isfinite(forecast).all():
-            # Back to the waves for the rest: undo nothing (nothing was written for run_rows).
+            # One by one for the rest (nothing was written for the run).
             out.model_seconds += time.perf_counter() - t0
-            for r in run_rows.tolist():
-                self._step_rows(batch, np.array([r]), np.array([slot]), values[[r]], out)
-            out.late[rows[late]] = True
-            return True
+            for r in rest.tolist():
+                self._step_one(batch, values, r, slot, out)
+            return
         scale_before = self._run_scale_before(slot, run)
         forecast = self._combine_run(
             slot, x[:, self.target], forecast, scale_before, run, run_rows, out
@@ -421,9 +425,16 @@ class Engine:
         store.mark(np.array([slot]), batch.partition[last], batch.offset[last])
         out.warm[run_rows] = run.step.warm
         out.seq[run_rows] = seq0 + 1 + np.arange(len(run_rows))
-        out.late[rows[late]] = True
+        out.late[rest[late]] = True
         out.model_seconds += time.perf_counter() - t0
-        return True
+
+    def _step_one(self, batch: TickBatch, values: F64, row: int, slot: int, out: _Outputs) -> None:
+        """One tick of one stream exactly as the waves take it (late check, then a step)."""
+        rows, slots = np.array([row]), np.array([slot])
+        if self.late_policy != "accept" and self._late(slots, batch.ts[rows])[0]:
+            out.late[row] = True
+            return
+        self._step_rows(batch, rows, slots, values[rows], out)
 
     def _combine_run(
         self, slot: int, target: F64, model: F64, scale_before: F64, run: NormalizedRun,

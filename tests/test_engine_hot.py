@@ -79,7 +79,9 @@ def _stores_agree(a: Engine, b: Engine) -> None:
 def hot_batches(draw: st.DrawFn, n_features: int) -> list[list[Tick]]:
     """1-3 batches; in each, one or two hot streams with 17-120 ticks among a few cold ones,
     event times that mostly rise but sometimes stand still or step back (late ticks), values
-    on scales from 1e-3 to 1e6, streams interleaved at random (each keeps its own order)."""
+    on scales from 1e-3 to 1e6 with, now and then, one near the float limits (the stream
+    overflows and is reset where the waves reset it, and the late ticks after it are judged
+    against the reset state), streams interleaved at random (each keeps its own order)."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     batches = []
     offset = 0
@@ -95,6 +97,9 @@ def hot_batches(draw: st.DrawFn, n_features: int) -> list[list[Tick]]:
             times = clock.get(stream, 0.0) + np.cumsum(steps)
             clock[stream] = float(times[-1])
             level = scale[stream] * (1 + 0.1 * np.sin(times) + rng.uniform(-0.05, 0.05, count))
+            if draw(st.booleans()):
+                odd = rng.integers(0, count, size=rng.integers(1, 3))
+                level[odd] = rng.choice([1e300, -1e300, 1.7e308, 5e-324], size=len(odd))
             cov = rng.uniform(-5, 5, count)
             per_stream[stream] = [
                 Tick(stream, T0 + float(times[i]),
@@ -198,4 +203,39 @@ def test_a_hot_stream_with_values_near_the_float_limits_matches_the_waves(
         assert np.isfinite(got.forecast).all()
         _same(got, want)
         assert got.resets == want.resets
+    _stores_agree(hot_engine, wave_engine)
+
+
+@pytest.mark.parametrize("late_after", [1, 2])
+def test_a_tick_older_than_an_overflow_reset_is_judged_as_the_waves_judge_it(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, late_after: int
+) -> None:
+    """An overflow resets a stream (its newest tick forgotten), so a tick older than the one
+    that overflowed is not late any more. The CI run that found it: the aborted attempt of a
+    batch took the waves, its retry the sequence path, and one input offset ended as both a
+    forecast and a ``late`` dead letter."""
+    ticks = [Tick("h", T0 + i, (50.0 + math.sin(i),), Source("in", 0, i)) for i in range(60)]
+    ticks[30] = Tick("h", T0 + 30, (1e300,), ticks[30].source)
+    ticks[30 + late_after] = Tick("h", T0 + 29.5, (50.0,), ticks[30 + late_after].source)
+    hot_engine, wave_engine = _engines(models["uni"], "dead_letter")
+    with np.errstate(all="ignore"):
+        got = hot_engine.process(ticks)
+        want = _waves_only(wave_engine, ticks, monkeypatch)
+    assert got.resets == want.resets >= 1
+    _same(got, want)
+    _stores_agree(hot_engine, wave_engine)
+
+
+def test_a_new_hot_stream_that_overflows_in_its_first_ticks_matches_the_waves(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reset during a new stream's first ticks leaves it with fewer than two ticks: the
+    sequence must not start before the stream has two again."""
+    ticks = [Tick("h", T0 + i, (50.0 + math.sin(i),), Source("in", 0, i)) for i in range(60)]
+    ticks[0] = Tick("h", T0, (1e300,), ticks[0].source)
+    hot_engine, wave_engine = _engines(models["uni"], "dead_letter")
+    with np.errstate(all="ignore"):
+        got = hot_engine.process(ticks)
+        want = _waves_only(wave_engine, ticks, monkeypatch)
+    _same(got, want)
     _stores_agree(hot_engine, wave_engine)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import subprocess
 import sys
@@ -86,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 while daemon.totals.consumed < args.ticks and not done.is_set():
                     time.sleep(0.05)
+            # Per-thread CPU before shutdown ends the clients' threads.
+            at_stop.update(_thread_cpu())
+            at_stop["process"], at_stop["ticks"] = time.process_time(), daemon.totals.consumed
             daemon.request_stop()
 
         threading.Thread(target=watch, daemon=True).start()
@@ -95,12 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         original = daemon.step
 
         cpu = [0.0, 0]  # CPU seconds and ticks counted from the first record on
+        threads_at_start: dict[str, float] = {}
+        at_stop: dict[str, float] = {}
 
         def step(timeout_ms: int) -> int:
             n = original(timeout_ms)
             if n and not started[0]:
                 started[0] = time.perf_counter()
                 cpu[:] = [time.process_time(), daemon.totals.consumed]
+                threads_at_start.update(_thread_cpu())
             return n
 
         daemon.step = step  # type: ignore[method-assign]
@@ -117,6 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'profiled' if not args.no_profile else 'not profiled'}); "
             f"CPU {cpu_s / max(ticks, 1) * 1000:.3f} s per 1,000 ticks"
         )
+        window_s = at_stop.pop("process") - cpu[0]
+        window_ticks = at_stop.pop("ticks") - cpu[1]
+        spent = {k: v - threads_at_start.get(k, 0.0) for k, v in at_stop.items()}
+        spent["ended threads"] = window_s - sum(spent.values())  # e.g. per-commit watchdogs
+        print(
+            "CPU s per 1,000 ticks by thread (until the stop request): "
+            + ", ".join(
+                f"{k} {v / max(window_ticks, 1) * 1000:.3f}"
+                for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
+                if v > 0
+            )
+        )
         metrics.ACTIVE_STREAMS.set(0)
     if not args.no_profile:
         if args.save:
@@ -125,6 +144,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats.sort_stats("cumulative").print_stats(args.top)
         stats.sort_stats("tottime").print_stats(args.top)
     return 0
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's threads, by thread name (Linux /proc):
+    the main thread, Python's other threads (``python``: kafka-python's IO thread, the
+    watchdogs), librdkafka's (``rdk:...``). Empty where /proc is not there."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(tid) == os.getpid():
+            name = "main"
+        elif int(tid) in python_names:
+            name = python_names[int(tid)]
+        elif name.startswith("rdk:broker"):
+            name = "rdk:broker"  # one per broker connection: sum them
+        out[name] = out.get(name, 0.0) + seconds
+    return out
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ class, so each path reads straight through:
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
 
@@ -189,6 +190,35 @@ class AtLeastOnceSink(Sink):
         self.send_state(state)
 
 
+class _CallThread:
+    """One long-lived daemon thread that runs the calls handed to it: a call bounded by a
+    watchdog costs a queue round trip instead of a thread start (two per commit, ~10 commits a
+    second). A call that overruns its limit keeps the thread busy; its owner drops it
+    (:meth:`ExactlyOnceSink._guard`) and makes a new one for the next call."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], None], threading.Event] | None] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._loop, name="txn-call", daemon=True).start()
+
+    def _loop(self) -> None:
+        while (item := self._calls.get()) is not None:
+            call, done = item
+            call()  # never raises: ExactlyOnceSink._guard's wrapper keeps the exception
+            done.set()
+
+    def run(self, call: Callable[[], None], timeout_s: float) -> bool:
+        """Run ``call`` on the thread; False if it has not returned after ``timeout_s``."""
+        done = threading.Event()
+        self._calls.put((call, done))
+        return done.wait(timeout_s)
+
+    def stop(self) -> None:
+        """Let the thread end once it is idle (a hung call keeps it until that returns)."""
+        self._calls.put(None)
+
+
 class ExactlyOnceSink(Sink):
     """Each micro-batch is a transaction: :meth:`begin`, the sends, :meth:`commit` with the
     consumer offsets; any failure aborts and raises TransactionFailed (module docstring)."""
@@ -203,6 +233,7 @@ class ExactlyOnceSink(Sink):
     ) -> None:
         self.transactional_id = transactional_id
         self._needs_rebuild = False  # a failed transaction left no usable producer
+        self._calls: _CallThread | None = None  # runs the watchdog-bounded calls
         super().__init__(kafka, stop, changelog_topic=changelog_topic)
         try:
             self._init_transactions()
@@ -212,6 +243,12 @@ class ExactlyOnceSink(Sink):
 
     def _new_producer(self) -> ProducerClient:
         return clients.producer(self.kafka, self.transactional_id)
+
+    def close(self) -> None:
+        if self._calls is not None:
+            self._calls.stop()
+            self._calls = None
+        super().close()
 
     def _init_transactions(self) -> None:
         try:
@@ -257,11 +294,12 @@ class ExactlyOnceSink(Sink):
 
         if timeout_s is None:
             run()
-        else:  # a hung call is left behind on its daemon thread with the discarded producer
-            worker = threading.Thread(target=run, name="txn-call", daemon=True)
-            worker.start()
-            worker.join(timeout_s)
-            if worker.is_alive():
+        else:  # a hung call is left behind on its thread with the discarded producer
+            if self._calls is None:
+                self._calls = _CallThread()
+            if not self._calls.run(run, timeout_s):
+                self._calls.stop()  # ends once the hung call returns, if ever
+                self._calls = None
                 self._fail(f"transactional call hung for {timeout_s:.0f}s", abort=False)
         if not error:
             return

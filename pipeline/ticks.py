@@ -73,6 +73,23 @@ class TickBatch:
             np.fromiter((t.source.timestamp_ms for t in ticks), dtype=np.int64, count=n),
         )
 
+    @classmethod
+    def concat(cls, batches: Sequence[TickBatch]) -> TickBatch:
+        """One batch of ``batches`` in the given order (each keeps its own order)."""
+        if len(batches) == 1:
+            return batches[0]
+        return cls(
+            batches[0].topic,
+            [s for b in batches for s in b.stream],
+            [k for b in batches for k in b.key],
+            [r for b in batches for r in b.raw],
+            np.concatenate([b.ts for b in batches]),
+            np.concatenate([b.values for b in batches]),
+            np.concatenate([b.partition for b in batches]),
+            np.concatenate([b.offset for b in batches]),
+            np.concatenate([b.timestamp_ms for b in batches]),
+        )
+
     def take(self, rows: I64) -> TickBatch:
         """The ticks at ``rows`` (indices into this batch), in that order."""
         index = rows.tolist()

@@ -9,9 +9,15 @@ once per commit (not once per poll), and reports the committed batches to the me
 
 Cadence: a commit covers up to ``kafka.commit_interval_ms`` or ``kafka.commit_records``,
 whichever comes first (as Kafka Streams' ``commit.interval.ms`` and Quix Streams' checkpoint
-do). The daemon must call :meth:`Transaction.commit` before anything changes the store outside
-the engine (rebalance, restore, model reload, shutdown): the undo log would not know those
-changes, and offsets of a revoked partition must not be committed by its former owner.
+do). Small polls are gathered and run through the engine together, once a full poll's worth
+(``kafka.max_poll_records``) is there or at the commit: their outputs are invisible until the
+commit anyway, and each engine batch and each batch of sends has a fixed cost (at 1k ticks/s
+a poll holds a few dozen records). A full poll (a backlog) is processed at once, as before:
+gathering several of them measured slower (decisions.md 28).
+
+The daemon must call :meth:`Transaction.commit` before anything changes the store outside the
+engine (rebalance, restore, model reload, shutdown): the undo log would not know those changes,
+and offsets of a revoked partition must not be committed by its former owner.
 
 If a commit fails, the state is rolled back in memory (O(streams touched)), owed evictions are
 kept, the consumer seeks back to the first offsets of the aborted batches, and the next
@@ -39,6 +45,7 @@ from pipeline.messages import Reason, Rejection
 from pipeline.quality import Quality
 from pipeline.sink import AtLeastOnceSink, ExactlyOnceSink
 from pipeline.source import Polled, Source
+from pipeline.ticks import TickBatch
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +112,7 @@ class Transaction:
         kafka = settings.kafka
         self.interval_s = kafka.commit_interval_ms / 1000
         self.max_records = kafka.commit_records
+        self.max_poll_records = kafka.max_poll_records
         # Consecutive failed transactions: 0.1 s, doubling, at most 15 s before the next one.
         self.backoff = Backoff(stop, first_s=0.1, max_s=MAX_BACKOFF_S)
         self._reset()
@@ -115,6 +123,9 @@ class Transaction:
         self._offsets: dict[int, int] = {}  # partition -> next offset to commit
         self._starts: dict[int, int] = {}  # partition -> first offset of the open transaction
         self._touched: dict[str, None] = {}  # insertion-ordered set of changed streams
+        self._gathered: list[Polled] = []  # polled, not yet processed
+        self._gathered_records = 0
+        self._began = False  # the Kafka transaction (exactly-once) has begun
         self._pending = _Pending()
 
     @property
@@ -139,21 +150,64 @@ class Transaction:
 
     # -- batches --------------------------------------------------------------------------------
 
-    def add(self, polled: Polled) -> bool:
-        """Process one micro-batch inside the open transaction (opened here if needed).
-
-        Returns False if the transaction could not begin (the records were rewound and a
-        backoff taken: they come again). Commits when the cadence says so.
-        """
+    def add(self, polled: Polled) -> None:
+        """Gather one polled micro-batch into the open transaction (opened here if needed);
+        processes what is gathered once it is a full poll's worth, and commits when the
+        cadence says so (module docstring)."""
         if not len(polled):
+            return
+        if not self.is_open:
+            self.is_open = True
+            self.opened_at = time.monotonic()
+        self._gathered.append(polled)
+        self._offsets.update(polled.offsets)
+        for p, o in polled.starts.items():
+            self._starts.setdefault(p, o)
+        self._pending.batches += 1
+        self._pending.records += len(polled)
+        self._gathered_records += len(polled)
+        if self.due():
+            self.commit()
+        elif self._gathered_records >= self.max_poll_records and not self._process(False):
+            return  # the transaction could not begin: rewound, backed off, reset
+
+    def _process(self, in_rebalance: bool) -> bool:
+        """Begin the Kafka transaction and run everything gathered through the engine as one
+        batch (wider waves than poll by poll: a poll is often one partition's records), sending
+        its forecasts, dead letters and evictions. False if the transaction could not begin
+        (the gathered records were rewound and, outside a rebalance, a backoff taken)."""
+        assert self.sink is not None and self.source is not None
+        gathered, self._gathered, self._gathered_records = self._gathered, [], 0
+        if not gathered:
             return True
-        if not self.is_open and not self._open(polled):
-            return False
-        started = time.perf_counter()
+        if self._began:
+            return self._run(gathered)
+        if isinstance(self.sink, ExactlyOnceSink):
+            try:
+                self.sink.begin()
+            except FencedError:
+                raise
+            except (BrokerError, TransactionFailed) as exc:
+                log.warning("event=transaction_begin_failed error=%s action=rewind", exc)
+                self.source.rewind_to(self._owned(self._starts, in_rebalance))
+                self._reset()
+                delay = self.backoff.fail()
+                if not in_rebalance:
+                    self.backoff.wait(delay)
+                return False
+            self.engine.store.track()
+        self._began = True
+        return self._run(gathered)
+
+    def _run(self, gathered: list[Polled]) -> bool:
+        """The gathered polls through the engine as one batch, and their outputs sent."""
         assert self.sink is not None
+        started = time.perf_counter()
         sink = self.sink
-        batch = self.engine.process(polled.ticks)
-        rejections = polled.rejections
+        with_ticks = [p.ticks for p in gathered if len(p.ticks)]
+        ticks = TickBatch.concat(with_ticks) if with_ticks else gathered[0].ticks
+        batch = self.engine.process(ticks)
+        rejections = [r for p in gathered for r in p.rejections]
         late_policy = self.settings.input.late_policy
         if len(batch.late_rows) and late_policy != "drop":
             rejections = rejections + [_late_rejection(batch, i) for i in batch.late_rows.tolist()]
@@ -163,43 +217,28 @@ class Transaction:
         sink.send_forecasts(batch, self.engine.version)
         sink.send_dead_letters(rejections)
         self._touched.update(dict.fromkeys(batch.touched))
-        last_read = {p: o - 1 for p, o in polled.offsets.items()}
+        last_read = {p: o - 1 for p, o in self._offsets.items()}
         sink.send_state(self.keeper.evictions(last_read))  # no changelog: evicts, sends nothing
-        self._offsets.update(polled.offsets)
-        for p, o in polled.starts.items():
-            self._starts.setdefault(p, o)
-        self._remember(polled, batch, rejections, dropped)
+        self._remember(batch, rejections, dropped)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.MODEL_SECONDS.observe(batch.model_seconds)
-        metrics.BATCH_SIZE.observe(len(polled))
-        if self.due():
-            self.commit()
+        metrics.BATCH_SIZE.observe(len(ticks) + len(rejections))
         return True
 
-    def _open(self, polled: Polled) -> bool:
-        assert self.sink is not None and self.source is not None
-        if isinstance(self.sink, ExactlyOnceSink):
-            try:
-                self.sink.begin()
-            except FencedError:
-                raise
-            except (BrokerError, TransactionFailed) as exc:
-                log.warning("event=transaction_begin_failed error=%s action=rewind", exc)
-                self.source.rewind_to(polled.starts)
-                self.backoff.wait(self.backoff.fail())
-                return False
-            self.engine.store.track()
-        self.is_open = True
-        self.opened_at = time.monotonic()
-        return True
+    def _owned(self, starts: dict[int, int], in_rebalance: bool) -> dict[int, int]:
+        """``starts`` without the partitions no longer assigned (inside a rebalance: those
+        restart from their committed offsets elsewhere)."""
+        if not in_rebalance:
+            return starts
+        assert self.source is not None
+        owned = set(self.source.assignment())
+        return {p: o for p, o in starts.items() if p in owned}
 
     def _remember(
-        self, polled: Polled, batch: ForecastBatch, rejections: list[Rejection], dropped: np.ndarray
+        self, batch: ForecastBatch, rejections: list[Rejection], dropped: np.ndarray
     ) -> None:
         """Keep what the metrics report once this batch is committed."""
         pending = self._pending
-        pending.batches += 1
-        pending.records += len(polled)
         pending.forecasts += len(batch)
         ticks = batch.input
         if len(batch):
@@ -242,6 +281,8 @@ class Transaction:
         if not self.is_open:
             return True
         assert self.sink is not None and self.source is not None
+        if not self._process(in_rebalance):
+            return False
         started = time.perf_counter()
         sink = self.sink
         if self.settings.state.changelog and self._touched:
@@ -272,11 +313,7 @@ class Transaction:
         assert self.source is not None
         streams = self.engine.store.rollback()
         self.keeper.batch_aborted()
-        starts = self._starts
-        if in_rebalance:
-            owned = set(self.source.assignment())
-            starts = {p: o for p, o in starts.items() if p in owned}
-        self.source.rewind_to(starts)
+        self.source.rewind_to(self._owned(self._starts, in_rebalance))
         metrics.TRANSACTIONS.labels("aborted").inc()
         log.warning(
             "event=transaction_aborted error=%s action=roll_back streams=%d batches=%d",

@@ -9,11 +9,12 @@ once per commit (not once per poll), and reports the committed batches to the me
 
 Cadence: a commit covers up to ``kafka.commit_interval_ms`` or ``kafka.commit_records``,
 whichever comes first (as Kafka Streams' ``commit.interval.ms`` and Quix Streams' checkpoint
-do). Small polls are gathered and run through the engine together, once a full poll's worth
-(``kafka.max_poll_records``) is there or at the commit: their outputs are invisible until the
-commit anyway, and each engine batch and each batch of sends has a fixed cost (at 1k ticks/s
-a poll holds a few dozen records). A full poll (a backlog) is processed at once, as before:
-gathering several of them measured slower (decisions.md 28).
+do). Small polls are gathered and run through the engine together once a full poll's worth
+(``kafka.max_poll_records``) is there, the first of them is ``GATHER_S`` (20 ms) old, or the
+commit is near: their outputs are invisible until the commit anyway, and each engine batch and
+each batch of sends has a fixed cost (at 1k ticks/s a poll holds a handful of records). A full
+poll (a backlog) is processed at once, as before: gathering several of them measured slower,
+and so did latency when every small poll waited for the commit (decisions.md 28).
 
 The daemon must call :meth:`Transaction.commit` before anything changes the store outside the
 engine (rebalance, restore, model reload, shutdown): the undo log would not know those changes,
@@ -50,6 +51,11 @@ from pipeline.ticks import TickBatch
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 15.0
+# Small polls wait in the transaction for at most this long before they are processed (and
+# not at all in its last this-long before the commit): long enough to turn a trickle of polls
+# into a few engine batches per commit, short enough that the commit does not wait for much to
+# be processed and delivered (what is processed early is sent while the transaction is open).
+GATHER_S = 0.02
 
 
 @dataclass
@@ -125,6 +131,7 @@ class Transaction:
         self._touched: dict[str, None] = {}  # insertion-ordered set of changed streams
         self._gathered: list[Polled] = []  # polled, not yet processed
         self._gathered_records = 0
+        self._gathered_since = 0.0
         self._began = False  # the Kafka transaction (exactly-once) has begun
         self._pending = _Pending()
 
@@ -152,13 +159,16 @@ class Transaction:
 
     def add(self, polled: Polled) -> None:
         """Gather one polled micro-batch into the open transaction (opened here if needed);
-        processes what is gathered once it is a full poll's worth, and commits when the
-        cadence says so (module docstring)."""
+        processes what is gathered once it is a full poll's worth or ``GATHER_S`` old or the
+        commit is less than ``GATHER_S`` away, and commits when the cadence says so (module
+        docstring)."""
         if not len(polled):
             return
         if not self.is_open:
             self.is_open = True
             self.opened_at = time.monotonic()
+        if not self._gathered:
+            self._gathered_since = time.monotonic()
         self._gathered.append(polled)
         self._offsets.update(polled.offsets)
         for p, o in polled.starts.items():
@@ -168,8 +178,14 @@ class Transaction:
         self._gathered_records += len(polled)
         if self.due():
             self.commit()
-        elif self._gathered_records >= self.max_poll_records and not self._process(False):
-            return  # the transaction could not begin: rewound, backed off, reset
+        else:
+            now = time.monotonic()
+            if (
+                self._gathered_records >= self.max_poll_records
+                or now - self._gathered_since >= GATHER_S
+                or self.opened_at + self.interval_s - now <= GATHER_S  # the commit is near
+            ):
+                self._process(False)  # False: could not begin; rewound, backed off, reset
 
     def _process(self, in_rebalance: bool) -> bool:
         """Begin the Kafka transaction and run everything gathered through the engine as one

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
+from pipeline import transaction
 from pipeline.clients import ClientError
 from pipeline.config import Settings, load_settings
 from pipeline.daemon import Daemon
@@ -301,20 +302,25 @@ def test_a_broker_without_transactions_gets_at_least_once(
     again._close()
 
 
-def test_small_polls_are_gathered_into_one_engine_batch_per_commit(bootstrap: str) -> None:
-    """Polls smaller than ``kafka.max_poll_records`` wait in the open transaction and go
-    through the engine together (at low rates a poll holds a few records, and every engine
-    batch and every batch of sends has a fixed cost); the forecasts are a clean run's."""
+@pytest.mark.parametrize(("gather_s", "sizes"), [(60.0, [12, 12]), (0.0, [4] * 6)])
+def test_small_polls_are_gathered_into_fewer_engine_batches(
+    bootstrap: str, monkeypatch: pytest.MonkeyPatch, gather_s: float, sizes: list[int]
+) -> None:
+    """Polls smaller than ``kafka.max_poll_records`` wait in the open transaction (up to
+    ``GATHER_S``) and go through the engine together (at low rates a poll holds a few records,
+    and every engine batch and every batch of sends has a fixed cost); the forecasts are a
+    clean run's either way."""
+    monkeypatch.setattr(transaction, "GATHER_S", gather_s)
     inp = unique("ticks")
     create_topics(bootstrap, [inp], 1)
-    kafka = {"max_poll_records": 1000, "commit_interval_ms": 60_000, "commit_records": 12}
+    kafka = {"max_poll_records": 1000, "commit_interval_ms": 600_000, "commit_records": 12}
     s = _settings(bootstrap, inp, unique("g"), kafka=kafka)
     records = _ticks(0, 6, 4)  # 24 records: two commits of 12
     daemon = Daemon(s, load_model(None))
     assert daemon._connect()
-    sizes: list[int] = []
+    seen: list[int] = []
     real_process = daemon.engine.process
-    daemon.engine.process = lambda ticks: (sizes.append(len(ticks)), real_process(ticks))[1]  # type: ignore[method-assign]
+    daemon.engine.process = lambda ticks: (seen.append(len(ticks)), real_process(ticks))[1]  # type: ignore[method-assign]
     try:
         for start in range(0, len(records), 4):  # four records a poll
             produce(bootstrap, inp, records[start : start + 4])
@@ -324,6 +330,6 @@ def test_small_polls_are_gathered_into_one_engine_batch_per_commit(bootstrap: st
     finally:
         daemon._close()
     assert daemon.totals.commits == 2 and daemon.totals.batches == 6
-    assert sizes == [12, 12]  # one engine batch per commit, not one per poll
+    assert seen == sizes
     docs = [r.json() for r in read_topic(bootstrap, s.kafka.output_topic, 24, idle_s=1.5)]
     _check(docs, _reference(records))

@@ -130,7 +130,6 @@ class Transaction:
         self._starts: dict[int, int] = {}  # partition -> first offset of the open transaction
         self._touched: dict[str, None] = {}  # insertion-ordered set of changed streams
         self._gathered: list[Polled] = []  # polled, not yet processed
-        self._gathered_records = 0
         self._gathered_since = 0.0
         self._began = False  # the Kafka transaction (exactly-once) has begun
         self._pending = _Pending()
@@ -164,28 +163,26 @@ class Transaction:
         docstring)."""
         if not len(polled):
             return
+        now = time.monotonic()
         if not self.is_open:
             self.is_open = True
-            self.opened_at = time.monotonic()
+            self.opened_at = now
         if not self._gathered:
-            self._gathered_since = time.monotonic()
+            self._gathered_since = now
         self._gathered.append(polled)
         self._offsets.update(polled.offsets)
         for p, o in polled.starts.items():
             self._starts.setdefault(p, o)
         self._pending.batches += 1
         self._pending.records += len(polled)
-        self._gathered_records += len(polled)
-        if self.due():
+        if self.due(now):
             self.commit()
-        else:
-            now = time.monotonic()
-            if (
-                self._gathered_records >= self.max_poll_records
-                or now - self._gathered_since >= GATHER_S
-                or self.opened_at + self.interval_s - now <= GATHER_S  # the commit is near
-            ):
-                self._process(False)  # False: could not begin; rewound, backed off, reset
+        elif (
+            sum(map(len, self._gathered)) >= self.max_poll_records
+            or now - self._gathered_since >= GATHER_S
+            or self.opened_at + self.interval_s - now <= GATHER_S  # the commit is near
+        ):
+            self._process(False)  # False: could not begin; rewound, backed off, reset
 
     def _process(self, in_rebalance: bool) -> bool:
         """Begin the Kafka transaction and run everything gathered through the engine as one
@@ -193,11 +190,12 @@ class Transaction:
         its forecasts, dead letters and evictions. False if the transaction could not begin
         (the gathered records were rewound and, outside a rebalance, a backoff taken)."""
         assert self.sink is not None and self.source is not None
-        gathered, self._gathered, self._gathered_records = self._gathered, [], 0
+        gathered, self._gathered = self._gathered, []
         if not gathered:
             return True
         if self._began:
-            return self._run(gathered)
+            self._run(gathered)
+            return True
         if isinstance(self.sink, ExactlyOnceSink):
             try:
                 self.sink.begin()
@@ -213,9 +211,10 @@ class Transaction:
                 return False
             self.engine.store.track()
         self._began = True
-        return self._run(gathered)
+        self._run(gathered)
+        return True
 
-    def _run(self, gathered: list[Polled]) -> bool:
+    def _run(self, gathered: list[Polled]) -> None:
         """The gathered polls through the engine as one batch, and their outputs sent."""
         assert self.sink is not None
         started = time.perf_counter()
@@ -239,7 +238,6 @@ class Transaction:
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.MODEL_SECONDS.observe(batch.model_seconds)
         metrics.BATCH_SIZE.observe(len(ticks) + len(rejections))
-        return True
 
     def _owned(self, starts: dict[int, int], in_rebalance: bool) -> dict[int, int]:
         """``starts`` without the partitions no longer assigned (inside a rebalance: those

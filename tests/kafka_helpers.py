@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,12 +64,19 @@ class Record:
 
 
 def read_topic(
-    bootstrap: str, topic: str, count: int, timeout_s: float = 60.0, idle_s: float = 0.0
+    bootstrap: str,
+    topic: str,
+    count: int,
+    timeout_s: float = 60.0,
+    idle_s: float = 0.0,
+    until: Callable[[Record], bool] | None = None,
 ) -> list[Record]:
     """Read ``topic`` from the beginning until ``count`` records arrived (or the timeout).
 
     With ``idle_s``, go on reading after that until no record came for ``idle_s`` seconds:
     for topics that may hold more than ``count`` (repeats of aborted transactions on Tansu).
+    With ``until``, read until it returns True for a record (it sees every record once, in
+    order), whatever the count: for topics whose repeats make a count meaningless.
     """
     consumer = KafkaConsumer(
         topic,
@@ -84,15 +91,18 @@ def read_topic(
     out: list[Record] = []
     deadline = time.monotonic() + timeout_s
     last_new = time.monotonic()
+    done = False
     try:
-        while time.monotonic() < deadline:
-            if len(out) >= count and time.monotonic() - last_new >= idle_s:
+        while time.monotonic() < deadline and not done:
+            if until is None and len(out) >= count and time.monotonic() - last_new >= idle_s:
                 break
             for tp, recs in consumer.poll(timeout_ms=200).items():
                 for r in recs:
                     headers = {k: v for k, v in r.headers}
                     out.append(Record(r.key, r.value, headers, tp.partition, r.offset))
                     last_new = time.monotonic()
+                    if until is not None and until(out[-1]):
+                        done = True
     finally:
         consumer.close()
     return out

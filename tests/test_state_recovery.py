@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 from kafka import KafkaProducer
 
-from tests.kafka_helpers import DaemonProcess, create_topics, read_topic, unique
+from tests.kafka_helpers import DaemonProcess, Record, create_topics, read_topic, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
@@ -55,6 +55,18 @@ def _by_key(records: list) -> dict[tuple[str, int], list[list[float]]]:
     return out
 
 
+def _all_keys() -> Callable[[Record], bool]:
+    """For read_topic(until=...): True once every (stream, seq) of the feed has been read."""
+    seen: set[tuple[str, int]] = set()
+
+    def complete(rec: Record) -> bool:
+        doc = rec.json()
+        seen.add((doc["stream"], doc["seq"]))
+        return len(seen) >= STREAMS * TICKS
+
+    return complete
+
+
 def _check_against_reference(got: dict, ref: dict) -> None:
     assert len(ref) == STREAMS * TICKS
     per_stream: dict[str, list[int]] = defaultdict(list)
@@ -88,13 +100,11 @@ def _run(
         env={"PIPELINE_KAFKA__INSTANCE_ID": instance, **(env or {})},
     ), done)  # fmt: skip
     feeder.join(timeout=120)
-    ref = _by_key(read_topic(bootstrap, out_ref, STREAMS * TICKS, timeout_s=120))
-    got_records = read_topic(bootstrap, out_a, STREAMS * TICKS, timeout_s=120)
-    # Repeats may exist (replayed batches); read on until every (stream, seq) is there.
-    deadline = time.monotonic() + 60
-    while len(_by_key(got_records)) < STREAMS * TICKS and time.monotonic() < deadline:
-        got_records = read_topic(bootstrap, out_a, len(got_records) + 1, timeout_s=5)
-    _check_against_reference(_by_key(got_records), ref)
+    ref = _by_key(read_topic(bootstrap, out_ref, 0, timeout_s=120, until=_all_keys()))
+    # Repeats may exist (replayed batches): one reader reads on until every (stream, seq) is
+    # there. (Fresh readers that stopped at a count could end mid-partition, and did in CI.)
+    got = _by_key(read_topic(bootstrap, out_a, 0, timeout_s=180, until=_all_keys()))
+    _check_against_reference(got, ref)
     for proc in [*survivors, reference]:
         assert proc.proc.poll() is None, proc.log()[-2000:]
 

@@ -64,6 +64,11 @@ def _step(
         for h in range(horizon):
             step_back[h] = season * ((h + season) // season) - (h + 1)
     unit, halves = np.empty(n_groups), np.empty(horizon)
+    group_end = np.zeros(n_groups, dtype=np.int64)  # group g: steps [end[g - 1], end[g])
+    for h in range(horizon):
+        group_end[group_of_step[h]] = h + 1
+    for g in range(1, n_groups):  # a group without steps (a short horizon) ends where g-1 does
+        group_end[g] = max(group_end[g], group_end[g - 1])
     i_model, i_damped, i_trend, i_seasonal = -1, -1, -1, -1  # member positions, -1: absent
     for j in range(n_members):
         if codes[j] == MODEL:
@@ -139,31 +144,35 @@ def _step(
         for j in range(n_members):
             weights0[i, j] = w[0, j]
         # -- the mix, closed form (the rules are affine in x and change): per group, the weight
-        # of the model's departure from x, of the last change (per step), of the seasonal one
+        # of the model's departure from x, of the last change (per step), of the seasonal one.
+        # Loops over a group's steps with its weights hoisted, and a branch-free finiteness
+        # check (v - v is 0 for a finite v, NaN otherwise), so that they vectorize.
         model_alone = n_members == 1 and i_model == 0
-        finite = True
-        for h in range(horizon):
-            g = group_of_step[h]
-            if model_alone:  # the model alone: its numbers exactly, as numpy's path
-                out = model[i, h]
-            else:
-                out = (model[i, h] - xi) * np.float64(w[g, i_model]) + xi if i_model >= 0 else xi
-                if i_damped >= 0 or i_trend >= 0:
+        check = 0.0
+        first_h = 0
+        for g in range(n_groups):
+            w_model = np.float64(w[g, i_model]) if i_model >= 0 else 0.0
+            w_damped = np.float64(w[g, i_damped]) if i_damped >= 0 else 0.0
+            w_trend = np.float64(w[g, i_trend]) if i_trend >= 0 else 0.0
+            w_seasonal = np.float64(w[g, i_seasonal]) if i_seasonal >= 0 else 0.0
+            for h in range(first_h, group_end[g]):
+                if model_alone:  # the model alone: its numbers exactly, as numpy's path
+                    out = model[i, h]
+                else:
+                    out = (model[i, h] - xi) * w_model + xi if i_model >= 0 else xi
                     if i_damped >= 0 and i_trend >= 0:
-                        slope = np.float64(w[g, i_damped]) * damped[h] + np.float64(
-                            w[g, i_trend]
-                        ) * (h + 1.0)
+                        out = out + (w_damped * damped[h] + w_trend * (h + 1.0)) * change
                     elif i_damped >= 0:
-                        slope = np.float64(w[g, i_damped]) * damped[h]
-                    else:
-                        slope = np.float64(w[g, i_trend]) * (h + 1.0)
-                    out = out + slope * change
-                if i_seasonal >= 0:
-                    s_h = _seasonal(history, slot, n, base, step_back[h], length, xi)
-                    out = out + (s_h - xi) * np.float64(w[g, i_seasonal])
-            combined[i, h] = out
-            finite = finite and math.isfinite(out)
-        if not finite:  # member by member; a member that overflows counts as persistence
+                        out = out + (w_damped * damped[h]) * change
+                    elif i_trend >= 0:
+                        out = out + (w_trend * (h + 1.0)) * change
+                    if i_seasonal >= 0:
+                        s_h = _seasonal(history, slot, n, base, step_back[h], length, xi)
+                        out = out + (s_h - xi) * w_seasonal
+                combined[i, h] = out
+                check += out - out
+            first_h = group_end[g]
+        if check != 0.0:  # NaN: member by member; a member that overflows counts as persistence
             for h in range(horizon):
                 g = group_of_step[h]
                 for j in range(n_members):
@@ -188,16 +197,26 @@ def _step(
             q_out[i, g] = q[slot, g]
             unit[g] = q[slot, g] * scale[i]
         for h in range(horizon):
-            half = 0.0
-            for g in range(n_groups):
-                half += unit[g] * widen[g, h]
-            c_h = combined[i, h]
+            halves[h] = 0.0
+        for g in range(n_groups):
+            u = unit[g]
+            for h in range(horizon):
+                halves[h] += u * widen[g, h]
+        check = 0.0
+        for h in range(horizon):
+            c_h, half = combined[i, h], halves[h]
             lo, up = c_h - half, c_h + half
-            if not (math.isfinite(half) and math.isfinite(lo) and math.isfinite(up)):
-                half = min(half, big) if not math.isnan(half) else big
-                lo = max(c_h - half, -big)
-                up = min(c_h + half, big)
-            lower[i, h], upper[i, h], halves[h] = lo, up, half
+            lower[i, h], upper[i, h] = lo, up
+            check += (half - half) + (lo - lo) + (up - up)
+        if check != 0.0:  # overflow: the widest finite bounds
+            for h in range(horizon):
+                c_h, half = combined[i, h], halves[h]
+                lo, up = c_h - half, c_h + half
+                if not (math.isfinite(half) and math.isfinite(lo) and math.isfinite(up)):
+                    half = min(half, big) if not math.isnan(half) else big
+                    lo = max(c_h - half, -big)
+                    up = min(c_h + half, big)
+                lower[i, h], upper[i, h], halves[h] = lo, up, half
         for g in range(n_groups):  # the ring keeps what was issued for step r_g
             r = reps[g]
             cell = cells[g]

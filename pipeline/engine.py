@@ -305,7 +305,10 @@ class Engine:
         if len(rows_left) == 0:
             return 0
         any_missing = bool(np.isnan(values[rows_left]).any())
-        order = rows_left[np.argsort(rank[rows_left], kind="stable")]  # wave by wave
+        # Wave by wave, and by slot within a wave: the gathers and scatters of the streams'
+        # state (normalizer, hidden state, combiner) then walk memory forwards.
+        slots = slot_of_tick[rows_left]
+        order = rows_left[np.argsort(rank[rows_left] * (int(slots.max()) + 1) + slots)]
         bounds = np.searchsorted(rank[order], np.arange(int(rank[order[-1]]) + 2))
         ts = batch.ts
         for k in range(len(bounds) - 1):

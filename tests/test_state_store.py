@@ -171,6 +171,21 @@ VALUES = st.one_of(
 TICK = st.tuples(st.sampled_from(STREAMS), st.integers(-3, 6), VALUES)
 
 
+def _assert_same_forecasts(
+    got: list[dict[str, list[tuple[int, list[float]]]]],
+    want: list[dict[str, list[tuple[int, list[float]]]]],
+) -> None:
+    """Same streams and seqs in every batch; forecasts equal to float rounding."""
+    assert len(got) == len(want)
+    for got_rows, want_rows in zip(got, want, strict=True):
+        assert got_rows.keys() == want_rows.keys()
+        for stream, rows in want_rows.items():
+            assert [seq for seq, _ in got_rows[stream]] == [seq for seq, _ in rows]
+            a = np.array([f for _, f in got_rows[stream]])
+            b = np.array([f for _, f in rows])
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
 class EngineUnderFaults(RuleBasedStateMachine):
     """A model of what the daemon needs from engine + store, checked against the real thing."""
 
@@ -244,9 +259,12 @@ class EngineUnderFaults(RuleBasedStateMachine):
         first = run()
         self.store.rollback()
         assert all_snapshots(self.store) == before
-        again = run()  # the same records again: the same forecasts
+        # The same records again: the same forecasts, to float rounding (a stream created
+        # again after the rollback may take another slot; waves run in slot order, and the
+        # GRU's batched matmul may round a row differently at another position).
+        again = run()
         self.store.settle()
-        assert again == first
+        _assert_same_forecasts(again, first)
         for rows, evict in zip(again, evicts, strict=False):
             self._count(rows)
             if evict is not None:

@@ -67,10 +67,14 @@ class Source:
         # Next offset to process per partition: records below it were already handled (their
         # outputs flushed) and are skipped when a failed commit makes the broker send them again.
         self._next: dict[int, int] = {}
+        # Partitions sought (rewound) since the last poll began -> where: a polled batch of
+        # one of them is stale (see :meth:`stale`).
+        self._sought: dict[int, int] = {}
         self.consumer = clients.consumer(kafka, on_assigned, on_revoked)
 
     def poll(self, timeout_ms: int) -> Polled:
         """Fetch up to ``max_poll_records`` records and decode them (pipeline.ticks)."""
+        self._sought = {}
         batches = self.consumer.poll(timeout_ms)
         polled = Polled()
         raw: list[RawRecord] = []
@@ -110,6 +114,19 @@ class Source:
             )
             return offset
         return done
+
+    def stale(self, polled: Polled) -> bool:
+        """Whether a partition of ``polled`` was rewound after (or while) it was polled: a
+        rolled-back transaction between the poll and its use. Its records come again."""
+        return not self._sought.keys().isdisjoint(polled.offsets)
+
+    def give_back(self, polled: Polled) -> None:
+        """Drop a stale ``polled`` batch: seek its other partitions back to its first records
+        too (the rewound ones stay where the rewind put them, before them), so that every
+        record of it is read again."""
+        back = {p: min(self._sought.get(p, start), start) for p, start in polled.starts.items()}
+        log.info("event=stale_batch_read_again records=%d partitions=%s", len(polled), sorted(back))
+        self._seek(back)
 
     def forget(self, partitions: list[int]) -> None:
         """Drop the processed-offset memory of revoked partitions (another member owns them)."""
@@ -153,6 +170,7 @@ class Source:
         try:
             for p, offset in offsets.items():
                 self.consumer.seek(p, offset)
+                self._sought[p] = offset
         except ClientError as exc:
             raise BrokerError(str(exc)) from exc
         finally:

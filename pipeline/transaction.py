@@ -163,6 +163,10 @@ class Transaction:
         docstring)."""
         if not len(polled):
             return
+        assert self.source is not None
+        if self.source.stale(polled):  # a commit failed after the poll (reload, restore)
+            self.source.give_back(polled)
+            return
         now = time.monotonic()
         if not self.is_open:
             self.is_open = True

@@ -333,3 +333,30 @@ def test_small_polls_are_gathered_into_fewer_engine_batches(
     assert seen == sizes
     docs = [r.json() for r in read_topic(bootstrap, s.kafka.output_topic, 24, idle_s=1.5)]
     _check(docs, _reference(records))
+
+
+def test_a_batch_polled_before_a_failed_commit_is_read_again_in_order(bootstrap: str) -> None:
+    """A commit that fails between a poll and the use of its records (here: the commit before
+    a model reload) rewinds the input; the batch already polled must not be processed on top of
+    the rewound state, or the rewound records would come back older than it (``late``)."""
+    inp = unique("ticks")
+    create_topics(bootstrap, [inp], 1)
+    kafka = {"max_poll_records": 3, "commit_interval_ms": 60_000, "commit_records": 12}
+    s = _settings(bootstrap, inp, unique("g"), kafka=kafka)
+    records = _ticks(0, 4, 3)  # 12 records, polled 3 at a time
+    produce(bootstrap, inp, records)
+    daemon = Daemon(s, load_model(None))
+    assert daemon._connect() and daemon.sink is not None
+    commits = iter(range(10**6))
+    aborted = _fail_some(daemon.sink, "commit", lambda _: next(commits) == 0)
+    try:
+        _run_until(daemon, lambda: daemon.unit.open_batches >= 1)  # a batch processed, open
+        daemon.request_reload()  # the next step polls, then commits before reloading: fails
+        _run_until(daemon, lambda: daemon.totals.forecasts == len(records), timeout_s=60)
+    finally:
+        daemon._close()
+    assert aborted == [1]
+    assert daemon.totals.dead_letters == 0  # nothing came back "late"
+    docs = [r.json() for r in read_topic(bootstrap, s.kafka.output_topic, len(records),
+                                         idle_s=1.5)]  # fmt: skip
+    _check(docs, _reference(records))

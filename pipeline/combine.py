@@ -9,14 +9,20 @@ Beside the network, every stream is forecast by cheap *members* (M of them, in t
 - ``seasonal``: the value ``season * ceil(h / season)`` ticks before the target (with a season).
 
 **Weights.** The H steps fall into G horizon groups (``group_starts``); group g is judged at its
-representative step r_g (the rounded geometric middle of the group). At every tick each member's
-forecast made r_g ticks earlier for step r_g is scored against the value that arrived, as
-``|actual - forecast| / (scale * sqrt(r_g))`` (scale: the stream's typical one-step move before
-this tick, so scores are unit-free; clipped at :data:`MAX_SCORE`). ``loss[g, m]`` is the
-exponentially weighted mean of member m's scores (fading factor ``discount``); the weights of a
-group are ``softmax(-eta * (loss - best) / best)`` over members (exponentially weighted averaging
-on losses relative to the best member, so ``eta`` means the same on any stream). Step h of the
-combined forecast mixes the members with the weights of h's group. Every tick is judged (a
+representative step r_g (the rounded geometric middle of the group). At every tick the members'
+forecasts made r_g ticks earlier for step r_g are mixed with the group's current weights and the
+mix is judged against the value that arrived: each member's log-weight moves against the
+gradient of the mix's absolute error, ``-eta_g * sign(mix - actual) * (forecast_m - mix) /
+(scale * sqrt(r_g))`` (exponentiated gradient, Kivinen & Warmuth 1997; scale: the stream's
+typical one-step move before this tick, so the step is unit-free; the scaled difference clipped
+at :data:`MAX_SCORE`), with ``eta_g = eta / r_g^0.75``, larger by ``sqrt(WARM_UP / j)`` for the
+group's j-th judgment while j < :data:`WARM_UP` (the usual 1/sqrt(t) schedule of online gradient
+methods, so a new stream's weights settle within tens of ticks; eta_g after). The log-weights
+(``logw[g, m]``) are kept with their largest at 0 and none below :data:`LOG_WEIGHT_FLOOR`, and
+the weights are their softmax. Unlike weights from each member's own recent error (exponentially
+weighted averaging, the first version here), the mix's own error moves them, so they learn the
+combination that is best together, which can beat every member alone (decision 30). Step h of
+the combined forecast mixes the members with the weights of h's group. Every tick is judged (a
 first version judged every r_g-th tick to save memory, and aliased: on a series with a 12-tick
 cycle the judged ticks saw two phases of it, and coverage at step 18 fell to 0.38).
 
@@ -35,7 +41,7 @@ drift included. The issued half-width is kept, so the interval judged is the one
 folded in; the last L target values (``history``, tick k at ``k mod L``, for the cheap members'
 past forecasts and the seasonal member); for each group's last r_g ticks the model forecast,
 combined forecast and half-width issued for step r_g (``rings``, (R, 3) with R = sum of r_g;
-group g at ``[offset_g, offset_g + r_g)``, tick k at ``offset_g + k mod r_g``); ``loss`` (G, M);
+group g at ``[offset_g, offset_g + r_g)``, tick k at ``offset_g + k mod r_g``); ``logw`` (G, M);
 ``q`` (G,). A stream's numbers depend on its own ticks only. Ring and history reads and writes
 go through flat indices (``np.take``/``np.put``): with slots scattered over the arrays, numpy's
 two-array fancy indexing was 10-20x slower.
@@ -52,13 +58,17 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline import combine_kernel
-from pipeline.normalize import F64, I64, ew_mean, grow_rows, put_rows
+from pipeline.normalize import F64, I64, grow_rows, put_rows
 
 MEMBERS = ("model", "persistence", "damped", "trend", "seasonal")
-# One wild tick moves a loss by at most discount * MAX_SCORE: a member 20 typical moves off is
-# simply wrong, and a cap keeps the scores of a scale not yet settled (a stream that starts flat
-# and then jumps scores 1e9 against a scale near 0) from outweighing hundreds of later ticks.
+# One wild tick moves a log-weight by at most eta_g * MAX_SCORE: a member 20 typical moves off is
+# simply wrong, and a cap keeps the steps of a scale not yet settled (a stream that starts flat
+# and then jumps scores 1e9 against a scale near 0) from deciding the weights for good.
 MAX_SCORE = 20.0
+# A member's weight stays above e^-15 (3e-7) of the best one's, so a member that becomes right
+# after a long wrong stretch regains weight in a bounded number of ticks.
+LOG_WEIGHT_FLOOR = -15.0
+WARM_UP = 3000  # judgments per group with a larger step (see the module docstring)
 # Judging starts once the stream has this many ticks (and r_g): the scale needs a few changes.
 FIRST_JUDGED = 10
 PRIOR_Q = 1.2816  # 80% two-sided quantile of |N(0, 1)|: a random walk's score before any data
@@ -73,8 +83,7 @@ class CombineConfig:
     members: tuple[str, ...] = MEMBERS  # which of MEMBERS take part ("model" alone: no mixing)
     season: int = 0  # ticks; 0 or 1: no seasonal member
     damping: float = 0.5  # phi of the damped member
-    discount: float = 0.01  # fading factor of each member's mean score (~100 ticks)
-    eta: float = 8.0  # sharpness of the weights; 0: equal weights
+    eta: float = 0.03  # log-weights' step at step 1 (group g: eta / r_g^0.75); 0: equal
     level: float = 0.8  # central coverage of the intervals
     rate: float = 0.05  # step of the quantile tracker (in log units)
     group_starts: tuple[int, ...] = (1, 2, 5, 13)  # first step of each horizon group
@@ -101,7 +110,7 @@ class Combiner:
     """Per-slot combination state for a model of horizon ``horizon`` (see the module docstring);
     the owner (:class:`~pipeline.state.StateStore`) maps streams to slots."""
 
-    FIELDS = ("ticks", "history", "rings", "loss", "q")
+    FIELDS = ("ticks", "history", "rings", "logw", "q")
     MODEL, COMBINED, WIDTH = 0, 1, 2  # the three numbers kept per ring position
 
     def __init__(self, config: CombineConfig, horizon: int, capacity: int = 1024) -> None:
@@ -139,6 +148,7 @@ class Combiner:
         self.offsets: I64 = np.concatenate([[0], np.cumsum(self.reps)[:-1]]).astype(np.int64)
         self._codes: I64 = np.array([MEMBERS.index(m) for m in self.members], dtype=np.int64)
         self._group_of_step: I64 = np.repeat(np.arange(len(self.reps)), self._group_sizes)
+        self._etas: F64 = config.eta / self.reps.astype(np.float64) ** 0.75  # (G,) per group
         # The compiled step (numba) when it is installed; tests switch it off to compare.
         self.compiled = combine_kernel.AVAILABLE
         self._q_up = math.exp(config.rate * config.level)  # after a miss
@@ -147,7 +157,7 @@ class Combiner:
         self.ticks: I64 = np.zeros(capacity, dtype=np.int64)
         self.history: F64 = np.zeros((capacity, self.length))
         self.rings: F64 = np.zeros((capacity, int(self.reps.sum()), 3))
-        self.loss: F64 = np.zeros((capacity, g, len(self.members)))
+        self.logw: F64 = np.zeros((capacity, g, len(self.members)))
         self.q: F64 = np.full((capacity, g), PRIOR_Q)
         if self.compiled:  # compile (~3 s once per machine, then ~0.3 s from numba's cache) now,
             empty = np.zeros(0)  # not in the first wave of ticks
@@ -196,9 +206,9 @@ class Combiner:
             np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(x, dtype=f64),
             np.ascontiguousarray(model, dtype=f64), np.ascontiguousarray(scale_before, dtype=f64),
             np.ascontiguousarray(scale, dtype=f64),
-            self.ticks, self.history, self.rings, self.loss, self.q,
+            self.ticks, self.history, self.rings, self.logw, self.q,
             self.reps, self.offsets, self._codes, self._damped, self._group_of_step, self._widen,
-            self.config.season, self.config.discount, self.config.eta, self._q_up, self._q_down,
+            self.config.season, self._etas, LOG_WEIGHT_FLOOR, WARM_UP, self._q_up, self._q_down,
             FIRST_JUDGED, MAX_SCORE, *out, weights0, q, scored, covered,
         )  # fmt: skip
         return Combined(out[0], out[1], out[2], weights0, scored, covered, q)
@@ -214,7 +224,7 @@ class Combiner:
         row = slots * length
         np.put(flat_history, row + n % length, x)
         previous = np.where(n >= 1, np.take(flat_history, row + (n - 1) % length), x)
-        weights = _weights(self.loss[slots], self.config.eta)  # (N, G, M) float32
+        weights = _weights(self.logw[slots])  # (N, G, M) float32
         q = self.q[slots]  # (N, G)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow near the float range:
             seasonal = (lambda: self._seasonal_now(slots, n, x)) if self.config.season > 1 else None
@@ -244,11 +254,11 @@ class Combiner:
 
     def run(self, slot: int, x: F64, model: F64, scale_before: F64, scale: F64) -> Combined | None:
         """What ``len(x)`` successive :meth:`step` calls of one stream would return (up to float
-        rounding), computed over the sequence: member scores, losses (a linear recurrence,
-        ``lfilter``) and the mix at once, and only the interval quantiles in a loop of plain
-        floats (each judgment needs the bound issued r_g ticks earlier). For the engine's hot
-        streams. Needs :meth:`can_run`; returns None, changing nothing, if the outputs are not
-        all finite (the caller then steps tick by tick).
+        rounding), computed over the sequence: the members' past forecasts and the mix at once,
+        and in compiled loops of plain floats only the weights' steps (each needs the weights
+        the step before left) and the interval quantiles (each judgment needs the bound issued
+        r_g ticks earlier). For the engine's hot streams. Needs :meth:`can_run`; returns None,
+        changing nothing, if the outputs are not all finite (the caller then steps tick by tick).
         """
         length, reps, n0, n_ticks = self.length, self.reps, int(self.ticks[slot]), len(x)
         v = np.concatenate([self.history[slot][np.arange(n0 - length, n0) % length], x])
@@ -259,8 +269,10 @@ class Combiner:
             ring[o + rt % r]
             for o, r, rt in zip(self.offsets.tolist(), reps.tolist(), ring_ticks, strict=True)
         ]
+        n_groups, n_members = len(reps), len(self.members)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            scores = np.empty((n_ticks, len(reps), len(self.members)))
+            past = np.empty((n_ticks, n_groups, n_members))
+            fallback, denominator = np.empty((n_ticks, n_groups)), np.empty((n_ticks, n_groups))
             for g, r in enumerate(reps.tolist()):
                 past_model = np.concatenate([kept[g][:, self.MODEL], model[:, r - 1]])[:n_ticks]
                 v_k, v_prev = v[j - r], v[j - r - 1]
@@ -269,12 +281,17 @@ class Combiner:
                          "trend": v_k + r * (v_k - v_prev)}  # fmt: skip
                 if "seasonal" in self.members:
                     every["seasonal"] = v[j - self.config.season * -(-r // self.config.season)]
-                past = np.stack([every[m] for m in self.members], axis=1)  # (L, M)
-                score = np.abs(x[:, None] - past) / (scale_before * math.sqrt(r))[:, None]
-                scores[:, g] = np.fmin(score, MAX_SCORE)
-            losses = ew_mean(self.config.discount, self.loss[slot].reshape(-1),
-                             scores.reshape(n_ticks, -1)).reshape(scores.shape)  # fmt: skip
-            weights = _weights(losses, self.config.eta)  # (L, G, M)
+                for i, name in enumerate(self.members):
+                    past[:, g, i] = every[name]
+                fallback[:, g] = v_k
+                denominator[:, g] = scale_before * math.sqrt(r)
+            logw = np.empty_like(past)
+            etas = self._step_sizes(n0 + np.arange(n_ticks))
+            combine_kernel.exp_gradient_run(
+                np.ascontiguousarray(x, dtype=np.float64), past, fallback, denominator,
+                self.logw[slot].copy(), etas, LOG_WEIGHT_FLOOR, MAX_SCORE, logw,
+            )  # fmt: skip
+            weights = _weights(logw)  # (L, G, M)
             m = self.config.season
             steps = np.arange(1, self.horizon + 1)
             seasonal = (lambda: v[j[:, None] + steps - m * -(-steps // m)]) if m > 1 else None
@@ -291,7 +308,7 @@ class Combiner:
             issued = np.stack([model[:, r - 1], combined[:, r - 1], half[:, r - 1]], axis=1)
             tail = np.concatenate([kept[g], issued])[-r:]  # ticks n0 + L - r .. n0 + L - 1
             ring[o + (n0 + n_ticks - r + np.arange(r)) % r] = tail
-        self.loss[slot] = losses[-1]
+        self.logw[slot] = logw[-1]
         self.q[slot] = q_after[-1]
         self.ticks[slot] = n0 + n_ticks
         scored = np.full(len(reps), n_ticks, dtype=np.int64)
@@ -311,6 +328,13 @@ class Combiner:
                 float(self.q[slot, g]), math.sqrt(r), self._q_up, self._q_down, out[g],
             )  # fmt: skip
         return out.T, hits
+
+    def _step_sizes(self, n: I64) -> F64:
+        """(N, G) the weights' step at a tick with ``n`` (N,) ticks before it, per group: eta_g,
+        times sqrt(WARM_UP / j) for the group's j-th judgment while j < WARM_UP."""
+        judged = np.maximum(n[:, None] - np.maximum(self.reps, FIRST_JUDGED)[None, :] + 1, 1)
+        sizes: F64 = self._etas * np.sqrt(np.maximum(WARM_UP / judged, 1.0))
+        return sizes
 
     def _ring_rows(self, slots: I64, n: I64) -> I64:
         """(N, G) rows of ``rings`` seen as (capacity * R, 3): the position tick ``n`` writes for
@@ -404,7 +428,7 @@ class Combiner:
 
     def _score(self, slots: I64, n: I64, x: F64, scale_before: F64, cells: I64) -> tuple[I64, I64]:
         """Judge the forecasts issued r_g ticks ago for this tick (before it enters the
-        history); update ``loss`` and ``q``. Returns per group how many were judged and
+        history); update ``logw`` and ``q``. Returns per group how many were judged and
         covered. A group is judged once the stream has r_g ticks behind it (and 2, for a
         scale)."""
         reps = self.reps
@@ -414,32 +438,20 @@ class Combiner:
             zero = np.zeros(len(reps), dtype=np.int64)
             return zero, zero.copy()
         issued = np.take(self.rings.reshape(-1, 3), cells, axis=0)  # (N, G, 3)
+        logw, q = self.logw[slots], self.q[slots]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # clipped below
-            forecasts = self._past_members(slots, n, k, issued[:, :, self.MODEL])  # (N, G, M)
-            score = np.abs(x[:, None, None] - forecasts)
-            score /= (scale_before[:, None] * np.sqrt(reps))[:, :, None]
-            score = np.fmin(score, MAX_SCORE)  # NaN -> MAX_SCORE too
+            past, v_k = self._past_members(slots, n, k, issued[:, :, self.MODEL])  # (N, G, M)
+            denominator = scale_before[:, None] * np.sqrt(reps)
+            updated = _exp_gradient(logw, past, v_k, x, denominator, self._step_sizes(n))
             error = np.abs(x[:, None] - issued[:, :, self.COMBINED])
         miss = ~(error <= issued[:, :, self.WIDTH])  # (N, G); NaN counts as a miss
-        loss, q = self.loss[slots], self.q[slots]
-        discount = self.config.discount
-        first_k = np.maximum(FIRST_JUDGED - reps, 0)  # (G,) k of each group's first judgment
-        if valid.all() and (k > first_k).all():  # the steady state: update in place
-            score -= loss
-            score *= discount
-            loss += score
-            q *= np.where(miss, self._q_up, self._q_down)
-        else:
-            first = (k == first_k)[:, :, None]  # a loss starts with its first score
-            updated = np.where(first, score, loss + discount * (score - loss))
-            loss = np.where(valid[:, :, None], updated, loss)
-            q = np.where(valid, q * np.where(miss, self._q_up, self._q_down), q)
-        self.loss[slots], self.q[slots] = loss, q
+        self.logw[slots] = np.where(valid[:, :, None], updated, logw)
+        self.q[slots] = np.where(valid, q * np.where(miss, self._q_up, self._q_down), q)
         return valid.sum(axis=0), (valid & ~miss).sum(axis=0)
 
-    def _past_members(self, slots: I64, n: I64, k: I64, model: F64) -> F64:
+    def _past_members(self, slots: I64, n: I64, k: I64, model: F64) -> tuple[F64, F64]:
         """(N, G, M) each member's forecast made at tick ``k`` (N, G) for step r_g, recomputed
-        from the history (the model's was kept: ``model``, (N, G))."""
+        from the history (the model's was kept: ``model``, (N, G)); and (N, G) the value at k."""
         length, reps, flat = self.length, self.reps, self.history.reshape(-1)
         row = slots[:, None] * length
         v_k = np.take(flat, row + k % length)
@@ -453,7 +465,7 @@ class Combiner:
             m = self.config.season
             src = n[:, None] - m * -(-reps // m)
             every["seasonal"] = np.where(src >= 0, np.take(flat, row + src % length), v_k)
-        return np.stack([every[name] for name in self.members], axis=2)
+        return np.stack([every[name] for name in self.members], axis=2), v_k
 
     # -- snapshots ----------------------------------------------------------------------------
 
@@ -480,17 +492,33 @@ def _log_interpolation(reps: I64, horizon: int) -> tuple[I64, I64, F64]:
     return lo.astype(np.int64), hi.astype(np.int64), frac
 
 
-def _weights(loss: F64, eta: float) -> W32:
-    """(N, G, M) softmax(-eta * (loss - best) / best) over the members (last axis); equal
-    weights before any score. Float32: exp is the costly part, and weights need no more."""
-    best = loss[:, :, 0]
-    for j in range(1, loss.shape[2]):
-        best = np.minimum(best, loss[:, :, j])
-    factor = -eta / (best + 1e-12)  # (N, G)
-    w = ((loss - best[:, :, None]) * factor[:, :, None]).astype(np.float32)
+def _weights(logw: F64) -> W32:
+    """(N, G, M) the softmax of the log-weights over the members (last axis). Float32: exp is
+    the costly part, and weights need no more."""
+    top = logw[:, :, 0]
+    for j in range(1, logw.shape[2]):
+        top = np.maximum(top, logw[:, :, j])
+    w = (logw - top[:, :, None]).astype(np.float32)
     np.exp(w, out=w)
     total = w[:, :, 0].copy()
     for j in range(1, w.shape[2]):
         total += w[:, :, j]
     w /= total[:, :, None]
     return w
+
+
+def _exp_gradient(logw: F64, past: F64, fallback: F64, x: F64, denominator: F64, etas: F64) -> F64:
+    """(N, G, M) the log-weights after one exponentiated-gradient step per row and group: the
+    numpy twin of :func:`pipeline.combine_kernel._exp_gradient` (``past`` (N, G, M),
+    ``fallback``, ``denominator`` and ``etas`` (N, G), ``x`` (N,))."""
+    finite = np.isfinite(past)
+    e = np.exp(logw - logw.max(axis=2, keepdims=True))
+    mix = (e * np.where(finite, past, fallback[:, :, None])).sum(axis=2) / e.sum(axis=2)
+    sign = np.where(mix > x[:, None], 1.0, np.where(mix < x[:, None], -1.0, 0.0))
+    step = sign[:, :, None] * (past - mix[:, :, None]) / denominator[:, :, None]
+    step = np.where(np.isnan(step), 0.0, np.clip(step, -MAX_SCORE, MAX_SCORE))
+    step = np.where(finite, step, MAX_SCORE)
+    out = logw - etas[:, :, None] * step
+    out -= out.max(axis=2, keepdims=True)
+    result: F64 = np.maximum(out, LOG_WEIGHT_FLOOR)
+    return result

@@ -3,12 +3,13 @@
 :meth:`pipeline.combine.Combiner.step` in numpy makes ~40 passes over (N, H) and (N, G, M)
 arrays per wave; at 10k rows that was ~12 ms, a third of the engine's time. This kernel does the
 same arithmetic row by row in one pass, with each row's numbers in registers and cache: judge the
-forecasts issued r_g ticks ago (member scores, losses, the quantile tracker), write the value
-into the history, weights, the mix in closed form, half-widths, bounds, and the ring write. Same
-formulas and order of operations as the numpy code, including the slow paths near the float
-range (a row whose closed-form mix is not finite is mixed member by member, a member that
-overflows counting as persistence; half-widths that overflow become the widest finite ones). The
-numpy step stays as the reference (tests compare the two) and as the path when numba is absent.
+forecasts issued r_g ticks ago (the weights' exponentiated-gradient step, the quantile tracker),
+write the value into the history, weights, the mix in closed form, half-widths, bounds, and the
+ring write. Same formulas and order of operations as the numpy code, including the slow paths
+near the float range (a row whose closed-form mix is not finite is mixed member by member, a
+member that overflows counting as persistence; half-widths that overflow become the widest finite
+ones). The numpy step stays as the reference (tests compare the two) and as the path when numba
+is absent.
 
 Results agree with the numpy step to float rounding, not bit for bit: numpy's float32 ``exp`` and
 the BLAS dot of the half-widths may round differently. A stream's numbers come from one path in
@@ -39,9 +40,9 @@ MODEL, PERSISTENCE, DAMPED, TREND, SEASONAL = 0, 1, 2, 3, 4
 
 def _step(
     slots: Ints, x: Floats, model: Floats, scale_before: Floats, scale: Floats,
-    ticks: Ints, history: Floats, rings: Floats, loss: Floats, q: Floats,
+    ticks: Ints, history: Floats, rings: Floats, logw: Floats, q: Floats,
     reps: Ints, offsets: Ints, codes: Ints, damped: Floats, group_of_step: Ints, widen: Floats,
-    season: int, discount: float, eta: float, q_up: float, q_down: float,
+    season: int, etas: Floats, floor: float, warm_up: int, q_up: float, q_down: float,
     first_judged: int, max_score: float,
     combined: Floats, lower: Floats, upper: Floats, weights0: Singles, q_out: Floats,
     scored: Ints, covered: Ints,
@@ -51,7 +52,7 @@ def _step(
     must start at zero)."""
     n_rows, horizon = model.shape
     length = history.shape[1]
-    n_groups, n_members = loss.shape[1], loss.shape[2]
+    n_groups, n_members = logw.shape[1], logw.shape[2]
     big = np.finfo(np.float64).max
     w = np.empty((n_groups, n_members), dtype=np.float32)
     every = np.empty(n_members)
@@ -97,8 +98,9 @@ def _step(
             at_k = _wrap(base - r, length)
             v_k = history[slot, at_k]
             change = v_k - history[slot, _wrap(at_k - 1, length)] if k >= 1 else 0.0
-            first_k = max(first_judged - r, 0)
             denominator = sb * math.sqrt(r)
+            judged = n - max(r, first_judged) + 1  # this judgment's number in the group
+            eta = etas[g] * math.sqrt(warm_up / judged) if judged < warm_up else etas[g]
             for j in range(n_members):
                 c = codes[j]
                 if c == MODEL:
@@ -112,13 +114,8 @@ def _step(
                 else:
                     back = season_back[g]  # season * ceil(r / season) <= length
                     f = history[slot, _wrap(base - back, length)] if n >= back else v_k
-                score = abs(xi - f) / denominator
-                if not score <= max_score:  # NaN too
-                    score = max_score
-                if k == first_k:
-                    loss[slot, g, j] = score
-                else:
-                    loss[slot, g, j] = loss[slot, g, j] + discount * (score - loss[slot, g, j])
+                every[j] = f
+            _exp_gradient(every, xi, v_k, denominator, logw[slot, g], eta, floor, max_score)
             miss = not abs(xi - rings[slot, cell, 1]) <= rings[slot, cell, 2]
             q[slot, g] *= q_up if miss else q_down
             scored[g] += 1
@@ -128,15 +125,14 @@ def _step(
         history[slot, base] = xi
         previous = history[slot, _wrap(base - 1, length)] if n >= 1 else xi
         change = xi - previous
-        # -- weights: softmax(-eta (loss - best) / best) per group, in float32 like numpy's
+        # -- weights: softmax of the log-weights per group, in float32 like numpy's
         for g in range(n_groups):
-            best = loss[slot, g, 0]
+            top = logw[slot, g, 0]
             for j in range(1, n_members):
-                best = min(best, loss[slot, g, j])
-            factor = -eta / (best + 1e-12)
+                top = max(top, logw[slot, g, j])
             total = np.float32(0.0)
             for j in range(n_members):
-                e = np.float32(math.exp(np.float32((loss[slot, g, j] - best) * factor)))
+                e = np.float32(math.exp(np.float32(logw[slot, g, j] - top)))
                 w[g, j] = e
                 total += e
             for j in range(n_members):
@@ -226,6 +222,41 @@ def _step(
         ticks[slot] = n + 1
 
 
+def _exp_gradient(
+    past: Floats, x: float, fallback: float, denominator: float, logw: Floats, eta: float,
+    floor: float, max_score: float,
+) -> None:  # fmt: skip
+    """One exponentiated-gradient step of one horizon group's log-weights ``logw`` (M,), in
+    place: the members' forecasts ``past`` (M,) made r ticks ago for this tick are mixed with
+    the current weights, and each log-weight moves by ``-eta * sign(mix - x) * (past_m - mix) /
+    denominator`` (the gradient of the mix's absolute error; the scaled difference clipped at
+    ``max_score``). A member whose forecast is not finite counts as ``fallback`` (persistence)
+    in the mix, as in the served mix, and is pushed down by ``eta * max_score``. The largest
+    log-weight is then 0 and none is below ``floor``."""
+    n_members = len(logw)
+    top = logw[0]
+    for j in range(1, n_members):
+        top = max(top, logw[j])
+    total, mix = 0.0, 0.0
+    for j in range(n_members):
+        e = math.exp(logw[j] - top)
+        total += e
+        mix += e * (past[j] if math.isfinite(past[j]) else fallback)
+    mix /= total
+    sign = 1.0 if mix > x else (-1.0 if mix < x else 0.0)
+    top = -math.inf
+    for j in range(n_members):
+        if math.isfinite(past[j]):
+            g = sign * (past[j] - mix) / denominator
+            g = min(max(g, -max_score), max_score) if g == g else 0.0  # NaN: no move
+        else:
+            g = max_score
+        logw[j] -= eta * g
+        top = max(top, logw[j])
+    for j in range(n_members):
+        logw[j] = max(logw[j] - top, floor)
+
+
 def _seasonal(
     history: Floats, slot: int, n: int, base: int, back: int, length: int, xi: float
 ) -> float:
@@ -259,10 +290,29 @@ def _track_quantiles(
     return hits
 
 
+def _exp_gradient_run(
+    x: Floats, past: Floats, fallback: Floats, denominator: Floats, logw: Floats, etas: Floats,
+    floor: float, max_score: float, out: Floats,
+) -> None:  # fmt: skip
+    """The log-weights over a hot stream's run of L ticks: ``past`` (L, G, M) the members'
+    forecasts judged at each tick, ``fallback``, ``denominator`` and the steps ``etas`` (L, G)
+    as in :func:`_exp_gradient`, ``logw`` (G, M) before the run (updated in place); writes the
+    log-weights after each tick into ``out`` (L, G, M)."""
+    n_ticks, n_groups = past.shape[0], past.shape[1]
+    for i in range(n_ticks):
+        for g in range(n_groups):
+            _exp_gradient(past[i, g], x[i], fallback[i, g], denominator[i, g], logw[g],
+                          etas[i, g], floor, max_score)  # fmt: skip
+            out[i, g] = logw[g]
+
+
 track_quantiles: Any = _track_quantiles
+exp_gradient_run: Any = _exp_gradient_run
 step: Any = None
 if numba is not None:
     track_quantiles = numba.njit(cache=True, nogil=True)(_track_quantiles)
     _wrap = numba.njit(cache=True, inline="always")(_wrap)
     _seasonal = numba.njit(cache=True, inline="always")(_seasonal)
+    _exp_gradient = numba.njit(cache=True)(_exp_gradient)
+    exp_gradient_run = numba.njit(cache=True, nogil=True)(_exp_gradient_run)
     step = numba.njit(cache=True, nogil=True)(_step)

@@ -149,10 +149,9 @@ class ForecastSettings(_Section):
     # Season of the seasonal member, in ticks (24 for hourly data with a daily cycle); 0: none.
     season: int = Field(default=0, ge=0, le=10_000)
     damping: float = Field(default=0.5, ge=0, le=1, description="phi of the damped member")
-    # Fading factor of each member's mean recent error (0.01: ~100 ticks of memory).
-    discount: float = Field(default=0.01, gt=0, le=1)
-    # How sharply weights follow the errors (0: equal weights).
-    eta: float = Field(default=8.0, ge=0, le=1_000)
+    # Step of the members' log-weights on the mix's error at step 1 (steps further ahead: less,
+    # eta / r^0.75 for a group judged at step r); 0: equal weights.
+    eta: float = Field(default=0.03, ge=0, le=10)
     # Central coverage of the [lower, upper] bounds, and the step of their online calibration.
     interval_level: float = Field(default=0.8, gt=0, lt=1)
     interval_rate: float = Field(default=0.05, gt=0, le=1)
@@ -162,7 +161,6 @@ class ForecastSettings(_Section):
             members=tuple(self.members),
             season=self.season,
             damping=self.damping,
-            discount=self.discount,
             eta=self.eta,
             level=self.interval_level,
             rate=self.interval_rate,

@@ -21,7 +21,9 @@ O(streams touched), without reading the changelog.
             layer by layer)
 
 Version 1 (before the combiner) held the normalizer's numbers only; such a value still installs,
-with the combination starting fresh.
+with the combination starting fresh. Version 2 held, where version 3 holds the members'
+log-weights, their recent mean errors (decision 30); such a value installs with equal weights and
+everything else it holds (history, rings, interval quantiles).
 
 ``offset`` is the input offset of the newest tick folded into the state: a restore keeps a
 record only if that offset is below the partition's committed offset.
@@ -48,8 +50,8 @@ from pipeline.normalize import F64, I64, Normalizer, NormalizerConfig
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 2
-_VERSIONS = (1, 2)  # readable
+SNAPSHOT_VERSION = 3
+_VERSIONS = (1, 2, 3)  # readable
 _HEADER = struct.Struct("<BiqqdHH")
 
 
@@ -61,20 +63,21 @@ class Snapshot:
     offset: int
     seq: int
     prev_forecast: float
-    stats: list[float]  # normalizer numbers, then (version 2) the combiner's
+    stats: list[float]  # normalizer numbers, then (version 2 on) the combiner's
     hidden: bytes  # float32, layer by layer; empty if the model's shapes changed
+    version: int = SNAPSHOT_VERSION
 
     @staticmethod
     def decode(blob: bytes) -> Snapshot:
         """Parse a changelog value; raises ValueError on an unknown version or a short body."""
         if len(blob) < _HEADER.size or blob[0] not in _VERSIONS:
             raise ValueError(f"not a v{SNAPSHOT_VERSION} stream snapshot ({len(blob)} bytes)")
-        _, partition, offset, seq, prev, n_norm, n_hidden = _HEADER.unpack_from(blob)
+        version, partition, offset, seq, prev, n_norm, n_hidden = _HEADER.unpack_from(blob)
         body = memoryview(blob)[_HEADER.size :]
         if len(body) != 8 * n_norm + 4 * n_hidden:
             raise ValueError("stream snapshot body has the wrong length")
         stats = list(struct.unpack_from(f"<{n_norm}d", body))
-        return Snapshot(partition, offset, seq, prev, stats, bytes(body[8 * n_norm :]))
+        return Snapshot(partition, offset, seq, prev, stats, bytes(body[8 * n_norm :]), version)
 
 
 def snapshot_offset(blob: bytes) -> int:
@@ -411,10 +414,7 @@ class StateStore:
         slot = self.slots_for([stream])[0]
         slots = np.array([slot], dtype=np.int64)
         self.normalizer.restore(slot, snap.stats[:n_norm])
-        if len(snap.stats) == n_norm:
-            self.combiner.reset(slots)  # a version-1 value: the combination starts fresh
-        else:
-            self.combiner.restore_rows(slots, np.array([snap.stats[n_norm:]]))
+        self._restore_combination(slots, np.array([snap.stats[n_norm:]]), snap.version)
         self.seq[slot], self.prev_forecast[slot] = snap.seq, snap.prev_forecast
         self.partition[slot], self.offset[slot] = snap.partition, snap.offset
         self.seen_at[slot] = time.time()
@@ -435,7 +435,8 @@ class StateStore:
         filled with one scatter per array. A value that is not a snapshot, or whose statistics
         do not fit this model's features and combination, is left out (listed in ``unusable``:
         that stream starts cold); one whose hidden state does not fit starts with zero hidden
-        state; a version-1 value (normalizer only) starts its combination fresh.
+        state; a version-1 value (normalizer only) starts its combination fresh, a version-2
+        value its weights.
         """
         report = InstallReport()
         by_size: dict[int, list[str]] = {}
@@ -457,7 +458,7 @@ class StateStore:
                 & (rows["n_norm"] == n_stats)
                 & (rows["n_hidden"] == n_hidden)
             )
-            if version not in _VERSIONS or n_stats != widths[version - 1]:
+            if version not in _VERSIONS or n_stats != widths[min(version, 2) - 1]:
                 ok[:] = False
             report.unusable += [s for s, good in zip(streams, ok.tolist(), strict=True) if not good]
             if not ok.all():
@@ -466,7 +467,7 @@ class StateStore:
             if not streams:
                 continue
             fits = n_hidden == sum(self.state_sizes)
-            self._install_rows(streams, rows, fits)
+            self._install_rows(streams, rows, fits, version)
             report.installed += len(streams)
             report.cold_hidden += 0 if fits else len(streams)
         if report.unusable:
@@ -474,15 +475,14 @@ class StateStore:
                         len(report.unusable))  # fmt: skip
         return report
 
-    def _install_rows(self, streams: list[str], rows: npt.NDArray[np.void], fits: bool) -> None:
+    def _install_rows(
+        self, streams: list[str], rows: npt.NDArray[np.void], fits: bool, version: int
+    ) -> None:
         slots = self.slots_for(streams)
         n_norm = self.normalizer.snapshot_width
         stats = rows["norm"]
         self.normalizer.restore_many(slots, stats[:, :n_norm])
-        if stats.shape[1] == n_norm:
-            self.combiner.reset(slots)
-        else:
-            self.combiner.restore_rows(slots, stats[:, n_norm:])
+        self._restore_combination(slots, stats[:, n_norm:], version)
         self.seq[slots] = rows["seq"]
         self.prev_forecast[slots] = rows["prev"]
         self.partition[slots] = rows["partition"]
@@ -496,6 +496,16 @@ class StateStore:
         flat = torch.from_numpy(rows["hidden"].copy())  # (n, sum S_l), aligned copy
         for h, part in zip(self.hidden, torch.split(flat, self.state_sizes, dim=1), strict=True):
             h.index_copy_(0, index, part.contiguous())
+
+    def _restore_combination(self, slots: I64, rows: F64, version: int) -> None:
+        """Put back the combiner's part of snapshots of ``version`` (rows (N, width), or
+        (N, 0) for version 1, whose streams start the combination fresh)."""
+        if version == 1:
+            self.combiner.reset(slots)
+            return
+        self.combiner.restore_rows(slots, rows)
+        if version == 2:  # mean errors where log-weights are now: start from equal weights
+            self.combiner.logw[slots] = 0.0
 
     def state_bytes(self) -> int:
         """Bytes held by per-slot arrays (all capacity, not only live streams)."""

@@ -105,6 +105,22 @@ def test_a_good_model_keeps_its_weight_and_the_mix_is_no_worse_than_it() -> None
         assert mae(combined, x, h) <= 1.02 * mae(oracle, x, h)
 
 
+def test_the_weights_learn_a_mix_better_than_every_member() -> None:
+    """Members wrong in opposite directions: on a noisy upward line the last value is too low
+    by ``slope * h`` and this model too high by ``2 * slope * h``; one third of the model and two
+    thirds of persistence are right. Weights moved by the mix's own error find that; weights
+    from each member's own error (the first version) put nearly all on persistence."""
+    rng = np.random.default_rng(3)
+    n, slope = 3000, 0.5
+    x = slope * np.arange(n) + rng.normal(0, 0.05, n)
+    model = future(x, H) + 2 * slope * np.arange(1, H + 1)
+    combined, *_, w = run(x, model, CombineConfig(members=("model", "persistence")))
+    persistence = np.repeat(x[:, None], H, axis=1)
+    for h in (1, 6, 24):
+        best = min(mae(model, x, h, start=1000), mae(persistence, x, h, start=1000))
+        assert mae(combined, x, h, start=1000) < 0.3 * best, h
+    assert abs(w[-500:, 0].mean() - 1 / 3) < 0.05
+
 @pytest.mark.parametrize(
     "kind", ["walk", "ar1_heavy_tails", "level_shifts", "heteroscedastic", "spikes"]
 )

@@ -352,3 +352,29 @@ def test_a_version_1_snapshot_installs_with_a_fresh_combination(model_path: Path
         )
         np.testing.assert_array_equal(target.combiner.snapshot_rows(np.array([t])), fresh)
         assert Snapshot.decode(target.snapshot("s2")).stats[: len(norm)] == norm
+
+
+def test_a_version_2_snapshot_installs_with_equal_weights_and_the_rest_kept(
+    model_path: Path,
+) -> None:
+    """Version 2 held each member's recent mean error where version 3 holds log-weights: such
+    a value installs everything but the weights, which start equal (decision 30)."""
+    source = fed_engine(model_path, streams=3, ticks=30).store
+    slot = source.slot_of["s2"]
+    current = Snapshot.decode(source.snapshot("s2"))
+    v2 = bytes([2]) + source.snapshot("s2")[1:]
+    comb = source.combiner
+    for install in ("bulk", "one"):
+        target = Engine(load_model(model_path), capacity=2).store
+        if install == "bulk":
+            assert target.install({"s2": v2}).installed == 1
+        else:
+            assert target.restore("s2", Snapshot.decode(v2))
+        t = target.slot_of["s2"]
+        assert float(np.abs(comb.logw[slot]).sum()) > 0  # the source had learned weights
+        assert (target.combiner.logw[t] == 0).all()
+        for name in ("ticks", "history", "rings", "q"):
+            np.testing.assert_array_equal(getattr(target.combiner, name)[t],
+                                          getattr(comb, name)[slot])  # fmt: skip
+        assert target.seq[t] == current.seq
+        assert Snapshot.decode(target.snapshot("s2")).version == 3

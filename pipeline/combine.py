@@ -6,7 +6,10 @@ Beside the network, every stream is forecast by cheap *members* (M of them, in t
 - ``persistence``: the last value, for every step;
 - ``damped``: ``last + c_h * (last - previous)`` with ``c_h = phi + ... + phi^h`` (``damping``);
 - ``trend``: ``last + h * (last - previous)`` (linear extrapolation);
-- ``seasonal``: the value ``season * ceil(h / season)`` ticks before the target (with a season).
+- ``seasonal``: the value ``season * ceil(h / season)`` ticks before the target (with a season);
+- ``seasonal_change``: the last value plus the change over the same h steps ``season *
+  ceil(h / season)`` ticks earlier (with a season): a daily profile carried from today's level,
+  which the plain seasonal rule misses when the level moves.
 
 **Weights.** The H steps fall into G horizon groups (``group_starts``); group g is judged at its
 representative step r_g (the rounded geometric middle of the group). At every tick the members'
@@ -60,7 +63,8 @@ import numpy.typing as npt
 from pipeline import combine_kernel
 from pipeline.normalize import F64, I64, grow_rows, put_rows
 
-MEMBERS = ("model", "persistence", "damped", "trend", "seasonal")
+MEMBERS = ("model", "persistence", "damped", "trend", "seasonal", "seasonal_change")
+SEASONAL = ("seasonal", "seasonal_change")  # members that need a season
 # One wild tick moves a log-weight by at most eta_g * MAX_SCORE: a member 20 typical moves off is
 # simply wrong, and a cap keeps the steps of a scale not yet settled (a stream that starts flat
 # and then jumps scores 1e9 against a scale near 0) from deciding the weights for good.
@@ -120,7 +124,7 @@ class Combiner:
         self.config = config
         self.horizon = horizon
         self.members = tuple(
-            m for m in MEMBERS if m in config.members and (m != "seasonal" or config.season > 1)
+            m for m in MEMBERS if m in config.members and (m not in SEASONAL or config.season > 1)
         )
         starts = sorted({s for s in config.group_starts if 1 <= s <= horizon} | {1})
         ends = [*(s - 1 for s in starts[1:]), horizon]
@@ -134,6 +138,9 @@ class Combiner:
         ]
         m, r_max = config.season, int(self.reps.max())
         self.length = max(r_max + 2, m * math.ceil(r_max / m) if m > 1 else 0, m)
+        if "seasonal_change" in self.members:  # it reaches r_max (or H) ticks further back
+            reach = max(m * math.ceil(r_max / m) + r_max, m * math.ceil(horizon / m))
+            self.length = max(self.length, reach + 1)
         phi = config.damping
         steps = np.arange(1, horizon + 1, dtype=np.float64)
         self._steps = steps
@@ -279,8 +286,11 @@ class Combiner:
                 every = {"model": past_model, "persistence": v_k,
                          "damped": v_k + self._damped[r - 1] * (v_k - v_prev),
                          "trend": v_k + r * (v_k - v_prev)}  # fmt: skip
+                back = self.config.season * -(-r // max(self.config.season, 1))
                 if "seasonal" in self.members:
-                    every["seasonal"] = v[j - self.config.season * -(-r // self.config.season)]
+                    every["seasonal"] = v[j - back]
+                if "seasonal_change" in self.members:  # with a full history (can_run)
+                    every["seasonal_change"] = v_k + (v[j - back] - v[j - back - r])
                 for i, name in enumerate(self.members):
                     past[:, g, i] = every[name]
                 fallback[:, g] = v_k
@@ -294,7 +304,14 @@ class Combiner:
             weights = _weights(logw)  # (L, G, M)
             m = self.config.season
             steps = np.arange(1, self.horizon + 1)
-            seasonal = (lambda: v[j[:, None] + steps - m * -(-steps // m)]) if m > 1 else None
+            seasonal = None
+            if m > 1:
+                back = m * -(-steps // m)  # (H,) with a full history (can_run)
+
+                def seasonal() -> tuple[F64, F64]:
+                    then = v[j[:, None] + steps - back]
+                    return then, x[:, None] + (then - v[j[:, None] - back])
+
             combined = self._mix(weights, x, x - v[j - 1], model, seasonal)
         q_after, covered = self._track_quantiles(slot, x, combined, scale, kept)  # (L, G), (G,)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -360,12 +377,13 @@ class Combiner:
         x: F64,
         change: F64,
         model: F64,
-        seasonal_now: Callable[[], F64] | None,
+        seasonal_now: Callable[[], tuple[F64, F64]] | None,
     ) -> F64:
         """(N, H) the weighted sum of the members, without building them: persistence, damped
         and trend are ``x + c(h) * change`` for c = 0, c_h, h, so the mix is
-        ``x + w_model (model - x) + change * (w_damped c_h + w_trend h) + w_seasonal (s - x)``
-        with each weight taken from h's group."""
+        ``x + w_model (model - x) + change * (w_damped c_h + w_trend h) + w_seasonal (s - x)
+        + w_seasonal_change (c - x)`` with each weight taken from h's group (``seasonal_now``:
+        the two seasonal members' forecasts, (N, H) each)."""
         if self.members == ("model",):
             return model.copy()  # exactly the model's numbers, not x + 1 * (model - x)
         index = {m: j for j, m in enumerate(self.members)}
@@ -387,20 +405,29 @@ class Combiner:
         if slope is not None:
             slope *= change[:, None]
             out += slope
-        if "seasonal" in index and seasonal_now is not None:
-            seasonal = seasonal_now() - xs
-            seasonal *= self._by_step(weights[:, :, index["seasonal"]])
-            out += seasonal
+        if seasonal_now is not None and any(name in index for name in SEASONAL):
+            for name, member in zip(SEASONAL, seasonal_now(), strict=True):
+                if name in index:
+                    part = member - xs
+                    part *= self._by_step(weights[:, :, index[name]])
+                    out += part
         return out
 
-    def _seasonal_now(self, slots: I64, n: I64, x: F64) -> F64:
-        """(N, H) the seasonal member's forecast made at tick ``n`` (history already holds x)."""
-        m, length = self.config.season, self.length
+    def _seasonal_now(self, slots: I64, n: I64, x: F64) -> tuple[F64, F64]:
+        """(N, H) each the seasonal and seasonal-change members' forecasts made at tick ``n``
+        (history already holds x)."""
+        m, length, flat = self.config.season, self.length, self.history.reshape(-1)
         steps = np.arange(1, self.horizon + 1)
-        src = n[:, None] + steps - m * -(-steps // m)  # (N, H) tick index of the source
-        values = np.take(self.history.reshape(-1), slots[:, None] * length + src % length)
-        seasonal: F64 = np.where(src >= 0, values, x[:, None])
-        return seasonal
+        start = n[:, None] - m * -(-steps // m)  # (N, H) the same steps, seasons earlier
+        src = start + steps  # tick index of the seasonal source
+        row = slots[:, None] * length
+        then = np.take(flat, row + src % length)
+        seasonal: F64 = np.where(src >= 0, then, x[:, None])
+        if "seasonal_change" not in self.members:
+            return seasonal, seasonal
+        moved = x[:, None] + (then - np.take(flat, row + start % length))
+        change: F64 = np.where(start >= 0, moved, x[:, None])
+        return seasonal, change
 
     def _mix_rows(
         self, rows: Bools, weights: W32, slots: I64, n: I64, x: F64, prev: F64, model: F64
@@ -417,8 +444,8 @@ class Combiner:
                 "damped": x[:, None] + self._damped * change,
                 "trend": x[:, None] + self._steps * change,
             }
-            if "seasonal" in self.members:
-                every["seasonal"] = self._seasonal_now(slots, n, x)
+            if any(name in self.members for name in SEASONAL):
+                every["seasonal"], every["seasonal_change"] = self._seasonal_now(slots, n, x)
             out = np.zeros(model.shape)
             for j, name in enumerate(self.members):
                 member = np.where(np.isfinite(every[name]), every[name], xs)
@@ -461,10 +488,15 @@ class Combiner:
             every["damped"] = v_k + self._damped[reps - 1] * change
         if "trend" in self.members:
             every["trend"] = v_k + reps * change
-        if "seasonal" in self.members:
+        if any(name in self.members for name in SEASONAL):
             m = self.config.season
-            src = n[:, None] - m * -(-reps // m)
-            every["seasonal"] = np.where(src >= 0, np.take(flat, row + src % length), v_k)
+            back = m * -(-reps // m)  # (G,)
+            src = n[:, None] - back
+            then = np.take(flat, row + src % length)
+            every["seasonal"] = np.where(src >= 0, then, v_k)
+            start = k - back  # the same r_g steps, seasons earlier
+            moved = v_k + (then - np.take(flat, row + start % length))
+            every["seasonal_change"] = np.where(start >= 0, moved, v_k)
         return np.stack([every[name] for name in self.members], axis=2), v_k
 
     # -- snapshots ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ Floats = npt.NDArray[np.float64]
 Singles = npt.NDArray[np.float32]
 
 # member codes, in pipeline.combine.MEMBERS order
-MODEL, PERSISTENCE, DAMPED, TREND, SEASONAL = 0, 1, 2, 3, 4
+MODEL, PERSISTENCE, DAMPED, TREND, SEASONAL, SEASONAL_CHANGE = 0, 1, 2, 3, 4, 5
 
 
 def _step(
@@ -70,7 +70,7 @@ def _step(
         group_end[group_of_step[h]] = h + 1
     for g in range(1, n_groups):  # a group without steps (a short horizon) ends where g-1 does
         group_end[g] = max(group_end[g], group_end[g - 1])
-    i_model, i_damped, i_trend, i_seasonal = -1, -1, -1, -1  # member positions, -1: absent
+    i_model, i_damped, i_trend, i_seasonal, i_change = -1, -1, -1, -1, -1  # -1: absent
     for j in range(n_members):
         if codes[j] == MODEL:
             i_model = j
@@ -80,6 +80,8 @@ def _step(
             i_trend = j
         elif codes[j] == SEASONAL:
             i_seasonal = j
+        elif codes[j] == SEASONAL_CHANGE:
+            i_change = j
     for i in range(n_rows):
         slot, xi, sb = slots[i], x[i], scale_before[i]
         n = ticks[slot]
@@ -111,9 +113,15 @@ def _step(
                     f = v_k + damped[r - 1] * change
                 elif c == TREND:
                     f = v_k + r * change
-                else:
+                elif c == SEASONAL:
                     back = season_back[g]  # season * ceil(r / season) <= length
                     f = history[slot, _wrap(base - back, length)] if n >= back else v_k
+                else:  # v_k plus the change over the same r steps a whole season earlier
+                    back = season_back[g]  # back + r < length
+                    f = v_k
+                    if k >= back:
+                        then = history[slot, _wrap(base - back, length)]
+                        f += then - history[slot, _wrap(base - back - r, length)]
                 every[j] = f
             _exp_gradient(every, xi, v_k, denominator, logw[slot, g], eta, floor, max_score)
             miss = not abs(xi - rings[slot, cell, 1]) <= rings[slot, cell, 2]
@@ -151,6 +159,7 @@ def _step(
             w_damped = np.float64(w[g, i_damped]) if i_damped >= 0 else 0.0
             w_trend = np.float64(w[g, i_trend]) if i_trend >= 0 else 0.0
             w_seasonal = np.float64(w[g, i_seasonal]) if i_seasonal >= 0 else 0.0
+            w_change = np.float64(w[g, i_change]) if i_change >= 0 else 0.0
             for h in range(first_h, group_end[g]):
                 if model_alone:  # the model alone: its numbers exactly, as numpy's path
                     out = model[i, h]
@@ -165,6 +174,9 @@ def _step(
                     if i_seasonal >= 0:
                         s_h = _seasonal(history, slot, n, base, step_back[h], length, xi)
                         out = out + (s_h - xi) * w_seasonal
+                    if i_change >= 0:
+                        c_h = _seasonal_change(history, slot, n, base, step_back[h], h, length, xi)
+                        out = out + (c_h - xi) * w_change
                 combined[i, h] = out
                 check += out - out
             first_h = group_end[g]
@@ -181,8 +193,12 @@ def _step(
                         every[j] = xi + damped[h] * change
                     elif c == TREND:
                         every[j] = xi + (h + 1.0) * change
-                    else:
+                    elif c == SEASONAL:
                         every[j] = _seasonal(history, slot, n, base, step_back[h], length, xi)
+                    else:
+                        every[j] = _seasonal_change(
+                            history, slot, n, base, step_back[h], h, length, xi
+                        )
                 out = 0.0
                 for j in range(n_members):
                     member = every[j] if math.isfinite(every[j]) else xi
@@ -265,6 +281,20 @@ def _seasonal(
     return history[slot, _wrap(base - back, length)] if n >= back else xi
 
 
+def _seasonal_change(
+    history: Floats, slot: int, n: int, base: int, back: int, h: int, length: int, xi: float
+) -> float:
+    """The seasonal-change member's forecast made at tick n for step h + 1 (0-based ``h``):
+    x_n plus the change from ``back + h + 1`` to ``back`` ticks before n (the same steps a
+    whole number of seasons earlier); x_n while the history is shorter."""
+    start = back + h + 1
+    if n < start:
+        return xi
+    then = history[slot, _wrap(base - back, length)]
+    moved: float = xi + (then - history[slot, _wrap(base - start, length)])
+    return moved
+
+
 def _wrap(position: int, length: int) -> int:
     """``position mod length`` for position in [-length, length)."""
     return position + length if position < 0 else position
@@ -313,6 +343,7 @@ if numba is not None:
     track_quantiles = numba.njit(cache=True, nogil=True)(_track_quantiles)
     _wrap = numba.njit(cache=True, inline="always")(_wrap)
     _seasonal = numba.njit(cache=True, inline="always")(_seasonal)
+    _seasonal_change = numba.njit(cache=True, inline="always")(_seasonal_change)
     _exp_gradient = numba.njit(cache=True)(_exp_gradient)
     exp_gradient_run = numba.njit(cache=True, nogil=True)(_exp_gradient_run)
     step = numba.njit(cache=True, nogil=True)(_step)

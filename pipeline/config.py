@@ -141,12 +141,14 @@ class ForecastSettings(_Section):
     # False: serve the network's forecast alone, without lower/upper bounds (the engine's
     # fastest path; the combination costs about a third of the engine's throughput, README).
     combine: bool = True
-    # Members mixed with the model: any of model, persistence, damped, trend, seasonal.
-    # [model] alone serves the network's forecast unchanged (intervals still come with it).
-    members: tuple[Literal["model", "persistence", "damped", "trend", "seasonal"], ...] = (
-        "model", "persistence", "damped", "trend", "seasonal",
-    )  # fmt: skip
-    # Season of the seasonal member, in ticks (24 for hourly data with a daily cycle); 0: none.
+    # Members mixed with the model: any of model, persistence, damped, trend, seasonal,
+    # seasonal_change. [model] alone serves the network's forecast unchanged (intervals still
+    # come with it).
+    members: tuple[
+        Literal["model", "persistence", "damped", "trend", "seasonal", "seasonal_change"], ...
+    ] = ("model", "persistence", "damped", "trend", "seasonal", "seasonal_change")
+    # Season of the two seasonal members, in ticks (24 for hourly data with a daily cycle);
+    # 0: neither.
     season: int = Field(default=0, ge=0, le=10_000)
     damping: float = Field(default=0.5, ge=0, le=1, description="phi of the damped member")
     # Step of the members' log-weights on the mix's error at step 1 (steps further ahead: less,

@@ -16,15 +16,17 @@ representative step r_g (the rounded geometric middle of the group). At every ti
 forecasts made r_g ticks earlier for step r_g are mixed with the group's current weights and the
 mix is judged against the value that arrived: each member's log-weight moves against the
 gradient of the mix's absolute error, ``-eta_g * sign(mix - actual) * (forecast_m - mix) /
-(scale * sqrt(r_g))`` (exponentiated gradient, Kivinen & Warmuth 1997; scale: the stream's
+(scale * sqrt(r_g))`` (within a tenth of that unit, :data:`HUBER`, the Huber loss's: the sign
+shrinks to the scaled error; exponentiated gradient, Kivinen & Warmuth 1997; scale: the stream's
 typical one-step move before this tick, so the step is unit-free; the scaled difference clipped
 at :data:`MAX_SCORE`), with ``eta_g = eta / r_g^0.75``, larger by ``sqrt(WARM_UP / j)`` for the
 group's j-th judgment while j < :data:`WARM_UP` (the usual 1/sqrt(t) schedule of online gradient
-methods, so a new stream's weights settle within tens of ticks; eta_g after). The log-weights
-(``logw[g, m]``) are kept with their largest at 0 and none below :data:`LOG_WEIGHT_FLOOR`, and
-the weights are their softmax. Unlike weights from each member's own recent error (exponentially
-weighted averaging, the first version here), the mix's own error moves them, so they learn the
-combination that is best together, which can beat every member alone (decision 30). Step h of
+methods, so a new stream's weights settle within tens of ticks; eta_g after). The weights
+themselves are kept (``mix_weights[g, m]``, summing to 1 over the members; each step multiplies
+them by the exp of its log-step and normalizes), none below :data:`WEIGHT_FLOOR` times the
+largest. Unlike weights from each member's own recent error (exponentially weighted averaging,
+the first version here), the mix's own error moves them, so they learn the combination that is
+best together, which can beat every member alone (decision 30). Step h of
 the combined forecast mixes the members with the weights of h's group. Every tick is judged (a
 first version judged every r_g-th tick to save memory, and aliased: on a series with a 12-tick
 cycle the judged ticks saw two phases of it, and coverage at step 18 fell to 0.38).
@@ -44,10 +46,10 @@ drift included. The issued half-width is kept, so the interval judged is the one
 folded in; the last L target values (``history``, tick k at ``k mod L``, for the cheap members'
 past forecasts and the seasonal member); for each group's last r_g ticks the model forecast,
 combined forecast and half-width issued for step r_g (``rings``, (R, 3) with R = sum of r_g;
-group g at ``[offset_g, offset_g + r_g)``, tick k at ``offset_g + k mod r_g``); ``logw`` (G, M);
-``q`` (G,). A stream's numbers depend on its own ticks only. Ring and history reads and writes
-go through flat indices (``np.take``/``np.put``): with slots scattered over the arrays, numpy's
-two-array fancy indexing was 10-20x slower.
+group g at ``[offset_g, offset_g + r_g)``, tick k at ``offset_g + k mod r_g``);
+``mix_weights`` (G, M); ``q`` (G,). A stream's numbers depend on its own ticks only. Ring and
+history reads and writes go through flat indices (``np.take``/``np.put``): with slots scattered
+over the arrays, numpy's two-array fancy indexing was 10-20x slower.
 """
 
 from __future__ import annotations
@@ -71,7 +73,11 @@ SEASONAL = ("seasonal", "seasonal_change")  # members that need a season
 MAX_SCORE = 20.0
 # A member's weight stays above e^-15 (3e-7) of the best one's, so a member that becomes right
 # after a long wrong stretch regains weight in a bounded number of ticks.
-LOG_WEIGHT_FLOOR = -15.0
+WEIGHT_FLOOR = math.exp(-15.0)
+# The weights follow the mix's Huber loss rather than its absolute error: within a tenth of a
+# typical move the step shrinks with the error instead of flipping with its sign, so forecasts
+# that differ by float rounding (the GRU's batched and sequence paths) move the weights alike.
+HUBER = 0.1
 WARM_UP = 3000  # judgments per group with a larger step (see the module docstring)
 # Judging starts once the stream has this many ticks (and r_g): the scale needs a few changes.
 FIRST_JUDGED = 10
@@ -87,7 +93,7 @@ class CombineConfig:
     members: tuple[str, ...] = MEMBERS  # which of MEMBERS take part ("model" alone: no mixing)
     season: int = 0  # ticks; 0 or 1: no seasonal member
     damping: float = 0.5  # phi of the damped member
-    eta: float = 0.03  # log-weights' step at step 1 (group g: eta / r_g^0.75); 0: equal
+    eta: float = 0.03  # log-weight step at step 1 (group g: eta / r_g^0.75); 0: equal weights
     level: float = 0.8  # central coverage of the intervals
     rate: float = 0.05  # step of the quantile tracker (in log units)
     group_starts: tuple[int, ...] = (1, 2, 5, 13)  # first step of each horizon group
@@ -114,7 +120,7 @@ class Combiner:
     """Per-slot combination state for a model of horizon ``horizon`` (see the module docstring);
     the owner (:class:`~pipeline.state.StateStore`) maps streams to slots."""
 
-    FIELDS = ("ticks", "history", "rings", "logw", "q")
+    FIELDS = ("ticks", "history", "rings", "mix_weights", "q")
     MODEL, COMBINED, WIDTH = 0, 1, 2  # the three numbers kept per ring position
 
     def __init__(self, config: CombineConfig, horizon: int, capacity: int = 1024) -> None:
@@ -164,7 +170,7 @@ class Combiner:
         self.ticks: I64 = np.zeros(capacity, dtype=np.int64)
         self.history: F64 = np.zeros((capacity, self.length))
         self.rings: F64 = np.zeros((capacity, int(self.reps.sum()), 3))
-        self.logw: F64 = np.zeros((capacity, g, len(self.members)))
+        self.mix_weights: F64 = np.full((capacity, g, len(self.members)), 1 / len(self.members))
         self.q: F64 = np.full((capacity, g), PRIOR_Q)
         if self.compiled:  # compile (~3 s once per machine, then ~0.3 s from numba's cache) now,
             empty = np.zeros(0)  # not in the first wave of ticks
@@ -183,11 +189,18 @@ class Combiner:
         extra = grow_rows(self, self.FIELDS, capacity)
         if extra:
             self.q[-extra:] = PRIOR_Q
+            self.mix_weights[-extra:] = 1 / len(self.members)
 
     def reset(self, slots: I64) -> None:
         for name in self.FIELDS:
             getattr(self, name)[slots] = 0
         self.q[slots] = PRIOR_Q
+        self.reset_weights(slots)
+
+    def reset_weights(self, slots: I64) -> None:
+        """Equal weights for ``slots`` (a new stream's, or a restored one's whose snapshot held
+        something else in their place)."""
+        self.mix_weights[slots] = 1 / len(self.members)
 
     def step(self, slots: I64, x: F64, model: F64, scale_before: F64, scale: F64) -> Combined:
         """Fold one tick per slot into the state and combine the forecasts made at it.
@@ -213,9 +226,9 @@ class Combiner:
             np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(x, dtype=f64),
             np.ascontiguousarray(model, dtype=f64), np.ascontiguousarray(scale_before, dtype=f64),
             np.ascontiguousarray(scale, dtype=f64),
-            self.ticks, self.history, self.rings, self.logw, self.q,
+            self.ticks, self.history, self.rings, self.mix_weights, self.q,
             self.reps, self.offsets, self._codes, self._damped, self._group_of_step, self._widen,
-            self.config.season, self._etas, LOG_WEIGHT_FLOOR, WARM_UP, self._q_up, self._q_down,
+            self.config.season, self._etas, WEIGHT_FLOOR, WARM_UP, HUBER, self._q_up, self._q_down,
             FIRST_JUDGED, MAX_SCORE, *out, weights0, q, scored, covered,
         )  # fmt: skip
         return Combined(out[0], out[1], out[2], weights0, scored, covered, q)
@@ -231,7 +244,7 @@ class Combiner:
         row = slots * length
         np.put(flat_history, row + n % length, x)
         previous = np.where(n >= 1, np.take(flat_history, row + (n - 1) % length), x)
-        weights = _weights(self.logw[slots])  # (N, G, M) float32
+        weights = self.mix_weights[slots].astype(np.float32)  # (N, G, M)
         q = self.q[slots]  # (N, G)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow near the float range:
             seasonal = (lambda: self._seasonal_now(slots, n, x)) if self.config.season > 1 else None
@@ -295,13 +308,13 @@ class Combiner:
                     past[:, g, i] = every[name]
                 fallback[:, g] = v_k
                 denominator[:, g] = scale_before * math.sqrt(r)
-            logw = np.empty_like(past)
+            after = np.empty_like(past)  # the weights after each tick
             etas = self._step_sizes(n0 + np.arange(n_ticks))
             combine_kernel.exp_gradient_run(
                 np.ascontiguousarray(x, dtype=np.float64), past, fallback, denominator,
-                self.logw[slot].copy(), etas, LOG_WEIGHT_FLOOR, MAX_SCORE, logw,
+                self.mix_weights[slot].copy(), etas, WEIGHT_FLOOR, MAX_SCORE, HUBER, after,
             )  # fmt: skip
-            weights = _weights(logw)  # (L, G, M)
+            weights = after.astype(np.float32)  # (L, G, M)
             m = self.config.season
             steps = np.arange(1, self.horizon + 1)
             seasonal = None
@@ -325,7 +338,7 @@ class Combiner:
             issued = np.stack([model[:, r - 1], combined[:, r - 1], half[:, r - 1]], axis=1)
             tail = np.concatenate([kept[g], issued])[-r:]  # ticks n0 + L - r .. n0 + L - 1
             ring[o + (n0 + n_ticks - r + np.arange(r)) % r] = tail
-        self.logw[slot] = logw[-1]
+        self.mix_weights[slot] = after[-1]
         self.q[slot] = q_after[-1]
         self.ticks[slot] = n0 + n_ticks
         scored = np.full(len(reps), n_ticks, dtype=np.int64)
@@ -455,7 +468,7 @@ class Combiner:
 
     def _score(self, slots: I64, n: I64, x: F64, scale_before: F64, cells: I64) -> tuple[I64, I64]:
         """Judge the forecasts issued r_g ticks ago for this tick (before it enters the
-        history); update ``logw`` and ``q``. Returns per group how many were judged and
+        history); update ``mix_weights`` and ``q``. Returns per group how many were judged and
         covered. A group is judged once the stream has r_g ticks behind it (and 2, for a
         scale)."""
         reps = self.reps
@@ -465,14 +478,14 @@ class Combiner:
             zero = np.zeros(len(reps), dtype=np.int64)
             return zero, zero.copy()
         issued = np.take(self.rings.reshape(-1, 3), cells, axis=0)  # (N, G, 3)
-        logw, q = self.logw[slots], self.q[slots]
+        weights, q = self.mix_weights[slots], self.q[slots]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # clipped below
             past, v_k = self._past_members(slots, n, k, issued[:, :, self.MODEL])  # (N, G, M)
             denominator = scale_before[:, None] * np.sqrt(reps)
-            updated = _exp_gradient(logw, past, v_k, x, denominator, self._step_sizes(n))
+            updated = _exp_gradient(weights, past, v_k, x, denominator, self._step_sizes(n))
             error = np.abs(x[:, None] - issued[:, :, self.COMBINED])
         miss = ~(error <= issued[:, :, self.WIDTH])  # (N, G); NaN counts as a miss
-        self.logw[slots] = np.where(valid[:, :, None], updated, logw)
+        self.mix_weights[slots] = np.where(valid[:, :, None], updated, weights)
         self.q[slots] = np.where(valid, q * np.where(miss, self._q_up, self._q_down), q)
         return valid.sum(axis=0), (valid & ~miss).sum(axis=0)
 
@@ -524,33 +537,21 @@ def _log_interpolation(reps: I64, horizon: int) -> tuple[I64, I64, F64]:
     return lo.astype(np.int64), hi.astype(np.int64), frac
 
 
-def _weights(logw: F64) -> W32:
-    """(N, G, M) the softmax of the log-weights over the members (last axis). Float32: exp is
-    the costly part, and weights need no more."""
-    top = logw[:, :, 0]
-    for j in range(1, logw.shape[2]):
-        top = np.maximum(top, logw[:, :, j])
-    w = (logw - top[:, :, None]).astype(np.float32)
-    np.exp(w, out=w)
-    total = w[:, :, 0].copy()
-    for j in range(1, w.shape[2]):
-        total += w[:, :, j]
-    w /= total[:, :, None]
-    return w
-
-
-def _exp_gradient(logw: F64, past: F64, fallback: F64, x: F64, denominator: F64, etas: F64) -> F64:
-    """(N, G, M) the log-weights after one exponentiated-gradient step per row and group: the
-    numpy twin of :func:`pipeline.combine_kernel._exp_gradient` (``past`` (N, G, M),
-    ``fallback``, ``denominator`` and ``etas`` (N, G), ``x`` (N,))."""
+def _exp_gradient(
+    weights: F64, past: F64, fallback: F64, x: F64, denominator: F64, etas: F64
+) -> F64:
+    """(N, G, M) the weights after one exponentiated-gradient step per row and group: the numpy
+    twin of :func:`pipeline.combine_kernel._exp_gradient` (``past`` (N, G, M), ``fallback``,
+    ``denominator`` and ``etas`` (N, G), ``x`` (N,))."""
     finite = np.isfinite(past)
-    e = np.exp(logw - logw.max(axis=2, keepdims=True))
-    mix = (e * np.where(finite, past, fallback[:, :, None])).sum(axis=2) / e.sum(axis=2)
-    sign = np.where(mix > x[:, None], 1.0, np.where(mix < x[:, None], -1.0, 0.0))
-    step = sign[:, :, None] * (past - mix[:, :, None]) / denominator[:, :, None]
+    mix = (weights * np.where(finite, past, fallback[:, :, None])).sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.clip((mix - x[:, None]) / (HUBER * denominator), -1.0, 1.0)
+    slope = np.where(np.isnan(slope), 0.0, slope)
+    step = slope[:, :, None] * (past - mix[:, :, None]) / denominator[:, :, None]
     step = np.where(np.isnan(step), 0.0, np.clip(step, -MAX_SCORE, MAX_SCORE))
-    step = np.where(finite, step, MAX_SCORE)
-    out = logw - etas[:, :, None] * step
-    out -= out.max(axis=2, keepdims=True)
-    result: F64 = np.maximum(out, LOG_WEIGHT_FLOOR)
+    exponent = -etas[:, :, None] * np.where(finite, step, MAX_SCORE)
+    out = weights * np.exp(exponent - exponent.max(axis=2, keepdims=True))
+    out = np.maximum(out, WEIGHT_FLOOR * out.max(axis=2, keepdims=True))
+    result: F64 = out / out.sum(axis=2, keepdims=True)
     return result

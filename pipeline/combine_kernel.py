@@ -40,9 +40,10 @@ MODEL, PERSISTENCE, DAMPED, TREND, SEASONAL, SEASONAL_CHANGE = 0, 1, 2, 3, 4, 5
 
 def _step(
     slots: Ints, x: Floats, model: Floats, scale_before: Floats, scale: Floats,
-    ticks: Ints, history: Floats, rings: Floats, logw: Floats, q: Floats,
+    ticks: Ints, history: Floats, rings: Floats, mix_weights: Floats, q: Floats,
     reps: Ints, offsets: Ints, codes: Ints, damped: Floats, group_of_step: Ints, widen: Floats,
-    season: int, etas: Floats, floor: float, warm_up: int, q_up: float, q_down: float,
+    season: int, etas: Floats, floor: float, warm_up: int, huber: float, q_up: float,
+    q_down: float,
     first_judged: int, max_score: float,
     combined: Floats, lower: Floats, upper: Floats, weights0: Singles, q_out: Floats,
     scored: Ints, covered: Ints,
@@ -52,7 +53,7 @@ def _step(
     must start at zero)."""
     n_rows, horizon = model.shape
     length = history.shape[1]
-    n_groups, n_members = logw.shape[1], logw.shape[2]
+    n_groups, n_members = mix_weights.shape[1], mix_weights.shape[2]
     big = np.finfo(np.float64).max
     w = np.empty((n_groups, n_members), dtype=np.float32)
     every = np.empty(n_members)
@@ -123,7 +124,8 @@ def _step(
                         then = history[slot, _wrap(base - back, length)]
                         f += then - history[slot, _wrap(base - back - r, length)]
                 every[j] = f
-            _exp_gradient(every, xi, v_k, denominator, logw[slot, g], eta, floor, max_score)
+            group_weights = mix_weights[slot, g]
+            _exp_gradient(every, xi, v_k, denominator, group_weights, eta, floor, max_score, huber)
             miss = not abs(xi - rings[slot, cell, 1]) <= rings[slot, cell, 2]
             q[slot, g] *= q_up if miss else q_down
             scored[g] += 1
@@ -133,18 +135,10 @@ def _step(
         history[slot, base] = xi
         previous = history[slot, _wrap(base - 1, length)] if n >= 1 else xi
         change = xi - previous
-        # -- weights: softmax of the log-weights per group, in float32 like numpy's
+        # -- weights, in float32 like numpy's
         for g in range(n_groups):
-            top = logw[slot, g, 0]
-            for j in range(1, n_members):
-                top = max(top, logw[slot, g, j])
-            total = np.float32(0.0)
             for j in range(n_members):
-                e = np.float32(math.exp(np.float32(logw[slot, g, j] - top)))
-                w[g, j] = e
-                total += e
-            for j in range(n_members):
-                w[g, j] = w[g, j] / total
+                w[g, j] = np.float32(mix_weights[slot, g, j])
         for j in range(n_members):
             weights0[i, j] = w[0, j]
         # -- the mix, closed form (the rules are affine in x and change): per group, the weight
@@ -239,38 +233,47 @@ def _step(
 
 
 def _exp_gradient(
-    past: Floats, x: float, fallback: float, denominator: float, logw: Floats, eta: float,
-    floor: float, max_score: float,
+    past: Floats, x: float, fallback: float, denominator: float, weights: Floats, eta: float,
+    floor: float, max_score: float, huber: float,
 ) -> None:  # fmt: skip
-    """One exponentiated-gradient step of one horizon group's log-weights ``logw`` (M,), in
+    """One exponentiated-gradient step of one horizon group's ``weights`` (M,, summing to 1), in
     place: the members' forecasts ``past`` (M,) made r ticks ago for this tick are mixed with
-    the current weights, and each log-weight moves by ``-eta * sign(mix - x) * (past_m - mix) /
-    denominator`` (the gradient of the mix's absolute error; the scaled difference clipped at
-    ``max_score``). A member whose forecast is not finite counts as ``fallback`` (persistence)
-    in the mix, as in the served mix, and is pushed down by ``eta * max_score``. The largest
-    log-weight is then 0 and none is below ``floor``."""
-    n_members = len(logw)
-    top = logw[0]
-    for j in range(1, n_members):
-        top = max(top, logw[j])
-    total, mix = 0.0, 0.0
+    the current weights, and each weight is multiplied by ``exp(-eta * slope * (past_m - mix) /
+    denominator)``, slope = ``(mix - x) / (huber * denominator)`` clipped to [-1, 1] (the
+    gradient of the mix's Huber loss: its absolute error beyond ``huber`` typical moves; the
+    scaled difference clipped at ``max_score``). A member whose forecast is not finite counts
+    as ``fallback`` (persistence) in the mix, as in the served mix, and is pushed down by
+    ``eta * max_score``.
+    Then no weight is below ``floor`` times the largest, and they sum to 1 again. The weights
+    are kept rather than their logarithms so that neither this step nor the mix needs more
+    than one exp per member."""
+    n_members = len(weights)
+    mix = 0.0
     for j in range(n_members):
-        e = math.exp(logw[j] - top)
-        total += e
-        mix += e * (past[j] if math.isfinite(past[j]) else fallback)
-    mix /= total
-    sign = 1.0 if mix > x else (-1.0 if mix < x else 0.0)
-    top = -math.inf
+        mix += weights[j] * (past[j] if math.isfinite(past[j]) else fallback)
+    slope = (mix - x) / (huber * denominator)
+    slope = min(max(slope, -1.0), 1.0) if slope == slope else 0.0
+    slope /= denominator  # one division, not one per member
+    best = -math.inf  # the largest exponent: factors relative to it cannot all underflow
     for j in range(n_members):
         if math.isfinite(past[j]):
-            g = sign * (past[j] - mix) / denominator
+            g = slope * (past[j] - mix)
             g = min(max(g, -max_score), max_score) if g == g else 0.0  # NaN: no move
         else:
             g = max_score
-        logw[j] -= eta * g
-        top = max(top, logw[j])
+        past[j] = -eta * g  # the exponent (past is scratch from here on)
+        best = max(best, past[j])
+    top = 0.0
     for j in range(n_members):
-        logw[j] = max(logw[j] - top, floor)
+        weights[j] *= math.exp(past[j] - best)
+        top = max(top, weights[j])
+    total = 0.0
+    for j in range(n_members):
+        weights[j] = max(weights[j], floor * top)
+        total += weights[j]
+    total = 1.0 / total
+    for j in range(n_members):
+        weights[j] *= total
 
 
 def _seasonal(
@@ -321,19 +324,19 @@ def _track_quantiles(
 
 
 def _exp_gradient_run(
-    x: Floats, past: Floats, fallback: Floats, denominator: Floats, logw: Floats, etas: Floats,
-    floor: float, max_score: float, out: Floats,
+    x: Floats, past: Floats, fallback: Floats, denominator: Floats, weights: Floats, etas: Floats,
+    floor: float, max_score: float, huber: float, out: Floats,
 ) -> None:  # fmt: skip
-    """The log-weights over a hot stream's run of L ticks: ``past`` (L, G, M) the members'
+    """The weights over a hot stream's run of L ticks: ``past`` (L, G, M) the members'
     forecasts judged at each tick, ``fallback``, ``denominator`` and the steps ``etas`` (L, G)
-    as in :func:`_exp_gradient`, ``logw`` (G, M) before the run (updated in place); writes the
-    log-weights after each tick into ``out`` (L, G, M)."""
+    as in :func:`_exp_gradient` (``past`` is overwritten), ``weights`` (G, M) before the run
+    (updated in place); writes the weights after each tick into ``out`` (L, G, M)."""
     n_ticks, n_groups = past.shape[0], past.shape[1]
     for i in range(n_ticks):
         for g in range(n_groups):
-            _exp_gradient(past[i, g], x[i], fallback[i, g], denominator[i, g], logw[g],
-                          etas[i, g], floor, max_score)  # fmt: skip
-            out[i, g] = logw[g]
+            _exp_gradient(past[i, g], x[i], fallback[i, g], denominator[i, g], weights[g],
+                          etas[i, g], floor, max_score, huber)  # fmt: skip
+            out[i, g] = weights[g]
 
 
 track_quantiles: Any = _track_quantiles
@@ -344,6 +347,6 @@ if numba is not None:
     _wrap = numba.njit(cache=True, inline="always")(_wrap)
     _seasonal = numba.njit(cache=True, inline="always")(_seasonal)
     _seasonal_change = numba.njit(cache=True, inline="always")(_seasonal_change)
-    _exp_gradient = numba.njit(cache=True)(_exp_gradient)
+    _exp_gradient = numba.njit(cache=True, inline="always")(_exp_gradient)
     exp_gradient_run = numba.njit(cache=True, nogil=True)(_exp_gradient_run)
     step = numba.njit(cache=True, nogil=True)(_step)

@@ -22,7 +22,7 @@ O(streams touched), without reading the changelog.
 
 Version 1 (before the combiner) held the normalizer's numbers only; such a value still installs,
 with the combination starting fresh. Version 2 held, where version 3 holds the members'
-log-weights, their recent mean errors (decision 30); such a value installs with equal weights and
+weights, their recent mean errors (decision 30); such a value installs with equal weights and
 everything else it holds (history, rings, interval quantiles).
 
 ``offset`` is the input offset of the newest tick folded into the state: a restore keeps a
@@ -504,8 +504,8 @@ class StateStore:
             self.combiner.reset(slots)
             return
         self.combiner.restore_rows(slots, rows)
-        if version == 2:  # mean errors where log-weights are now: start from equal weights
-            self.combiner.logw[slots] = 0.0
+        if version == 2:  # mean errors where the weights are now: start from equal weights
+            self.combiner.reset_weights(slots)
 
     def state_bytes(self) -> int:
         """Bytes held by per-slot arrays (all capacity, not only live streams)."""

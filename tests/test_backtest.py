@@ -123,8 +123,9 @@ def test_parity_holds_for_a_split_by_durations(tmp_path: Path) -> None:
 
 def test_accuracy_does_not_regress(small_model: Path, tmp_path: Path) -> None:
     """Seeded guard: the model alone measured 0.968 (h1) and 0.971 (mean of 1..6) of persistence
-    on 2026-11-27; the served (combined) forecast 0.939 and 0.971, with 80% intervals covering
-    0.786 of the actuals, on 2026-11-29.
+    on 2026-11-27; the served (combined) forecast 0.938 and 0.960, with 80% intervals covering
+    0.775 of the actuals, on 2026-11-30 (weights by exponentiated gradient, decision 30; 0.939
+    and 0.971 with the earlier weights).
 
     Fails when a change to the normalizer, model, training, combination or engine costs more
     than 0.03, when the combination does worse than the model alone, or when the intervals'
@@ -138,8 +139,8 @@ def test_accuracy_does_not_regress(small_model: Path, tmp_path: Path) -> None:
     model, combined = report["methods"]["model"], report["methods"]["combined"]
     assert model["ratio_h1"] <= 0.968 + 0.03
     assert model["ratio_mean"] <= 0.971 + 0.03
-    assert combined["ratio_h1"] <= 0.939 + 0.03
-    assert combined["ratio_mean"] <= 0.971 + 0.03
+    assert combined["ratio_h1"] <= 0.938 + 0.03
+    assert combined["ratio_mean"] <= 0.960 + 0.03
     assert combined["mae_h1"] <= model["mae_h1"] and combined["mae_mean"] <= model["mae_mean"]
     intervals = report["intervals"]
     assert intervals["level"] == 0.8 and 0.75 <= intervals["coverage"] <= 0.85
@@ -188,9 +189,10 @@ def test_shipped_model_accuracy_on_ett_oil_temperature() -> None:
     assert 0.77 <= report["intervals"]["coverage"] <= 0.83
 
 
-# Pooled over the four OT series, measured 2026-11-29 (model alone, and served).
+# Pooled over the four OT series (model alone: 2026-11-29; served: 2026-11-30, weights by
+# exponentiated gradient, decision 30; 0.744 / 0.634 with the earlier weights).
 SHIPPED_H1, SHIPPED_MEAN = 0.757, 0.631
-SERVED_H1, SERVED_MEAN = 0.744, 0.634
+SERVED_H1, SERVED_MEAN = 0.735, 0.620
 
 
 def test_log_target_is_served_in_price_units(tmp_path: Path) -> None:

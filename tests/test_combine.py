@@ -127,6 +127,7 @@ def test_the_weights_learn_a_mix_better_than_every_member() -> None:
         assert mae(combined, x, h, start=1000) < 0.3 * best, h
     assert abs(w[-500:, 0].mean() - 1 / 3) < 0.05
 
+
 @pytest.mark.parametrize(
     "kind", ["walk", "ar1_heavy_tails", "level_shifts", "heteroscedastic", "spikes"]
 )

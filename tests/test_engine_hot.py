@@ -48,7 +48,13 @@ def _same(a: ForecastBatch, b: ForecastBatch) -> None:
     assert a.late_rows.tolist() == b.late_rows.tolist()
     assert a.missing_rows.tolist() == b.missing_rows.tolist()
     assert a.seq.tolist() == b.seq.tolist() and a.warm.tolist() == b.warm.tolist()
-    np.testing.assert_allclose(a.forecast, b.forecast, rtol=1e-5, atol=1e-9)
+    # Float32 GRU outputs of the two paths differ by ~1e-7; the mix's weights follow those
+    # forecasts, so a step's forecast may differ by rounding of the row's largest numbers (a
+    # mix of members far apart can cancel to a much smaller value).
+    row = np.abs(b.forecast).max(axis=1, keepdims=True) if b.forecast.size else 0.0
+    np.testing.assert_array_less(
+        np.abs(a.forecast - b.forecast), 1e-5 * (np.abs(b.forecast) + row) + 1e-9
+    )
     # Scale-free errors (O(1)); float32 GRU outputs of the two paths differ by ~1e-7.
     np.testing.assert_allclose(np.sort(a.error), np.sort(b.error), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(

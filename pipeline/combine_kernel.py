@@ -236,17 +236,16 @@ def _exp_gradient(
     past: Floats, x: float, fallback: float, denominator: float, weights: Floats, eta: float,
     floor: float, max_score: float, huber: float,
 ) -> None:  # fmt: skip
-    """One exponentiated-gradient step of one horizon group's ``weights`` (M,, summing to 1), in
-    place: the members' forecasts ``past`` (M,) made r ticks ago for this tick are mixed with
+    """One exponentiated-gradient step of one horizon group's ``weights`` ((M,), summing to 1),
+    in place: the members' forecasts ``past`` (M,) made r ticks ago for this tick are mixed with
     the current weights, and each weight is multiplied by ``exp(-eta * slope * (past_m - mix) /
     denominator)``, slope = ``(mix - x) / (huber * denominator)`` clipped to [-1, 1] (the
     gradient of the mix's Huber loss: its absolute error beyond ``huber`` typical moves; the
     scaled difference clipped at ``max_score``). A member whose forecast is not finite counts
     as ``fallback`` (persistence) in the mix, as in the served mix, and is pushed down by
-    ``eta * max_score``.
-    Then no weight is below ``floor`` times the largest, and they sum to 1 again. The weights
-    are kept rather than their logarithms so that neither this step nor the mix needs more
-    than one exp per member."""
+    ``eta * max_score``. Then no weight is below ``floor`` times the largest, and they sum to 1
+    again. The weights are kept rather than their logarithms so that neither this step nor the
+    mix needs a softmax. ``past`` is used as scratch."""
     n_members = len(weights)
     mix = 0.0
     for j in range(n_members):

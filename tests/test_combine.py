@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import combine_kernel
-from pipeline.combine import MEMBERS, CombineConfig, Combiner
+from pipeline.combine import MEMBERS, WEIGHT_FLOOR, CombineConfig, Combiner
 from pipeline.engine import Engine
 from pipeline.messages import ForecastEncoder, Source, Tick
 from pipeline.model import load_model
@@ -195,6 +195,9 @@ def test_any_finite_values_give_finite_ordered_outputs(
         assert abs(float(c.weights.sum()) - 1.0) < 1e-6  # float32 weights
     for name in Combiner.FIELDS:
         assert np.isfinite(getattr(comb, name)).all(), name
+    w = comb.mix_weights[1]  # (G, M): a distribution per group, none below the floor
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-12)
+    assert (w >= WEIGHT_FLOOR * w.max(axis=1, keepdims=True) * (1 - 1e-12)).all()
 
 
 @given(

@@ -442,7 +442,7 @@ class StateStore:
         by_size: dict[int, list[str]] = {}
         for stream, blob in snapshots.items():
             by_size.setdefault(len(blob), []).append(stream)
-        widths = (self.normalizer.snapshot_width, self.stats_width)
+        widths = (self.normalizer.snapshot_width, self.stats_width)  # version 1, later ones
         for size, streams in by_size.items():
             if size < _HEADER.size:
                 report.unusable += streams
@@ -458,7 +458,7 @@ class StateStore:
                 & (rows["n_norm"] == n_stats)
                 & (rows["n_hidden"] == n_hidden)
             )
-            if version not in _VERSIONS or n_stats != widths[min(version, 2) - 1]:
+            if version not in _VERSIONS or n_stats != widths[version != 1]:
                 ok[:] = False
             report.unusable += [s for s, good in zip(streams, ok.tolist(), strict=True) if not good]
             if not ok.all():

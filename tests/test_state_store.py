@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,18 @@ def test_bulk_snapshots_of_a_covariate_model_equal_one_by_one(tmp_path: Path) ->
     assert engine.store.snapshots([]) == []
 
 
+def installed_both_ways(path: Path, stream: str, blob: bytes) -> Iterator[tuple[StateStore, int]]:
+    """``blob`` installed as ``stream`` into a fresh store in bulk, then into another one by
+    one: each store with the stream's slot."""
+    for install in ("bulk", "one"):
+        target = Engine(load_model(path), capacity=2).store
+        if install == "bulk":
+            assert target.install({stream: blob}).installed == 1
+        else:
+            assert target.restore(stream, Snapshot.decode(blob))
+        yield target, target.slot_of[stream]
+
+
 def test_a_version_1_snapshot_installs_with_a_fresh_combination(model_path: Path) -> None:
     """Changelog values written before the combination existed (normalizer numbers only) still
     restore the normalizer, hidden state and seq; the combination starts from its prior."""
@@ -339,13 +352,7 @@ def test_a_version_1_snapshot_installs_with_a_fresh_combination(model_path: Path
     hidden = b"".join(h[slot].numpy().tobytes() for h in source.hidden)
     header = struct.pack("<BiqqdHH", 1, 2, 72, 8, 1.5, len(norm), sum(source.state_sizes))
     v1 = header + struct.pack(f"<{len(norm)}d", *norm) + hidden
-    for install in ("bulk", "one"):
-        target = Engine(load_model(model_path), capacity=2).store
-        if install == "bulk":
-            assert target.install({"s2": v1}).installed == 1
-        else:
-            assert target.restore("s2", Snapshot.decode(v1))
-        t = target.slot_of["s2"]
+    for target, t in installed_both_ways(model_path, "s2", v1):
         assert target.normalizer.snapshot(t) == norm and target.seq[t] == 8
         fresh = Engine(load_model(model_path), capacity=1).store.combiner.snapshot_rows(
             np.array([0])
@@ -357,20 +364,14 @@ def test_a_version_1_snapshot_installs_with_a_fresh_combination(model_path: Path
 def test_a_version_2_snapshot_installs_with_equal_weights_and_the_rest_kept(
     model_path: Path,
 ) -> None:
-    """Version 2 held each member's recent mean error where version 3 holds log-weights: such
-    a value installs everything but the weights, which start equal (decision 30)."""
+    """Version 2 held each member's recent mean error where version 3 holds weights: such a
+    value installs everything but the weights, which start equal (decision 30)."""
     source = fed_engine(model_path, streams=3, ticks=30).store
     slot = source.slot_of["s2"]
     current = Snapshot.decode(source.snapshot("s2"))
     v2 = bytes([2]) + source.snapshot("s2")[1:]
     comb = source.combiner
-    for install in ("bulk", "one"):
-        target = Engine(load_model(model_path), capacity=2).store
-        if install == "bulk":
-            assert target.install({"s2": v2}).installed == 1
-        else:
-            assert target.restore("s2", Snapshot.decode(v2))
-        t = target.slot_of["s2"]
+    for target, t in installed_both_ways(model_path, "s2", v2):
         equal = 1 / len(comb.members)
         assert np.abs(comb.mix_weights[slot] - equal).max() > 0.01  # the source had learned
         assert (target.combiner.mix_weights[t] == equal).all()

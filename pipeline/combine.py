@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from pipeline import combine_kernel
 from pipeline.normalize import F64, I64, grow_rows, put_rows
@@ -81,6 +82,9 @@ HUBER = 0.1
 WARM_UP = 3000  # judgments per group with a larger step (see the module docstring)
 # Judging starts once the stream has this many ticks (and r_g): the scale needs a few changes.
 FIRST_JUDGED = 10
+# A wave runs in parallel parts (on torch's threads, see pipeline.combine_kernel) when each part
+# gets at least this many rows: ~0.5 ms of kernel, against ~10 us to start the parts.
+ROWS_PER_PART = 1024
 PRIOR_Q = 1.2816  # 80% two-sided quantile of |N(0, 1)|: a random walk's score before any data
 Bools = npt.NDArray[np.bool_]
 W32 = npt.NDArray[np.float32]
@@ -173,9 +177,10 @@ class Combiner:
         self.mix_weights: F64 = np.full((capacity, g, len(self.members)), 1 / len(self.members))
         self.q: F64 = np.full((capacity, g), PRIOR_Q)
         if self.compiled:  # compile (~3 s once per machine, then ~0.3 s from numba's cache) now,
-            empty = np.zeros(0)  # not in the first wave of ticks
-            self._step_compiled(np.zeros(0, dtype=np.int64), empty, np.zeros((0, horizon)),
-                                empty, empty)  # fmt: skip
+            empty = np.zeros(0)  # not in the first wave of ticks (nor the first large one)
+            for parts in (1, 2) if combine_kernel.PARALLEL else (1,):
+                self._step_compiled(np.zeros(0, dtype=np.int64), empty, np.zeros((0, horizon)),
+                                    empty, empty, parts)  # fmt: skip
 
     @property
     def capacity(self) -> int:
@@ -215,22 +220,33 @@ class Combiner:
         return self.step_numpy(slots, x, model, scale_before, scale)
 
     def _step_compiled(
-        self, slots: I64, x: F64, model: F64, scale_before: F64, scale: F64
-    ) -> Combined:
+        self, slots: I64, x: F64, model: F64, scale_before: F64, scale: F64,
+        parts: int | None = None,
+    ) -> Combined:  # fmt: skip
+        """:meth:`step` by the compiled kernel, in ``parts`` parallel parts (default:
+        :func:`_parts`)."""
         n_rows, g, m = len(slots), len(self.reps), len(self.members)
         f64 = np.float64
         out = [np.empty((n_rows, self.horizon)) for _ in range(3)]
         weights0, q = np.empty((n_rows, m), dtype=np.float32), np.empty((n_rows, g))
-        scored, covered = np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64)
-        combine_kernel.step(
+        arguments = (
             np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(x, dtype=f64),
             np.ascontiguousarray(model, dtype=f64), np.ascontiguousarray(scale_before, dtype=f64),
             np.ascontiguousarray(scale, dtype=f64),
             self.ticks, self.history, self.rings, self.mix_weights, self.q,
             self.reps, self.offsets, self._codes, self._damped, self._group_of_step, self._widen,
             self.config.season, self._etas, WEIGHT_FLOOR, WARM_UP, HUBER, self._q_up, self._q_down,
-            FIRST_JUDGED, MAX_SCORE, *out, weights0, q, scored, covered,
+            FIRST_JUDGED, MAX_SCORE, *out, weights0, q,
         )  # fmt: skip
+        parts = parts or _parts(n_rows)
+        if parts == 1:
+            scored, covered = np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64)
+            combine_kernel.step(*arguments, scored, covered)
+        else:
+            cuts = np.linspace(0, n_rows, parts + 1).astype(np.int64)
+            per_part = np.zeros((2, parts, g), dtype=np.int64)
+            combine_kernel.step_parts(cuts, *arguments, per_part[0], per_part[1])
+            scored, covered = per_part.sum(axis=1)
         return Combined(out[0], out[1], out[2], weights0, scored, covered, q)
 
     def step_numpy(self, slots: I64, x: F64, model: F64, scale_before: F64, scale: F64) -> Combined:
@@ -522,6 +538,15 @@ class Combiner:
     def restore_rows(self, slots: I64, flat: F64) -> None:
         """Put back what :meth:`snapshot_rows` returned (ValueError on a width mismatch)."""
         put_rows(self, self.FIELDS, slots, flat, "combiner")
+
+
+def _parts(n_rows: int) -> int:
+    """How many parallel parts a wave of ``n_rows`` runs in: as many as torch's threads (the
+    engine's CPU budget; ``torch.set_num_threads(1)`` keeps everything on one core), each with
+    at least :data:`ROWS_PER_PART` rows."""
+    if not combine_kernel.PARALLEL:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_rows // ROWS_PER_PART))
 
 
 def _log_interpolation(reps: I64, horizon: int) -> tuple[I64, I64, F64]:

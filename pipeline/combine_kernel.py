@@ -11,6 +11,12 @@ member that overflows counting as persistence; half-widths that overflow become 
 ones). The numpy step stays as the reference (tests compare the two) and as the path when numba
 is absent.
 
+A large wave's rows are split into parts run in parallel (:func:`step_parts`, a ``prange`` over
+the parts, each running the one-pass loop on its rows). Numba's OpenMP threading layer runs them on
+the same libgomp thread pool as torch's CPU kernels: threads of a pool of our own lost the second
+core to torch's threads, which spin-wait after each torch call (measured: no gain at all, against
+1.65x with the shared pool). Rows are distinct slots, so the parts touch disjoint state.
+
 Results agree with the numpy step to float rounding, not bit for bit: numpy's float32 ``exp`` and
 the BLAS dot of the half-widths may round differently. A stream's numbers come from one path in
 one process (serving, backtest, crash recovery all use this one), so replays are still exact.
@@ -18,6 +24,7 @@ one process (serving, backtest, crash recovery all use this one), so replays are
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -30,6 +37,22 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps a br
     numba = None  # type: ignore[assignment]
 
 AVAILABLE = numba is not None
+
+
+def _threadsafe_layer() -> bool:
+    """Whether numba has a threading layer that may be entered from several Python threads at
+    once (OpenMP or TBB); its fallback, the workqueue, aborts the process when two engines in
+    one process step at the same time, so then the parts run one after another."""
+    for pool in ("omppool", "tbbpool"):  # each needs its native library (libgomp, libtbb)
+        try:
+            importlib.import_module(f"numba.np.ufunc.{pool}")
+        except ImportError:
+            continue
+        return True
+    return False
+
+
+PARALLEL = AVAILABLE and _threadsafe_layer()
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 Singles = npt.NDArray[np.float32]
@@ -232,6 +255,31 @@ def _step(
         ticks[slot] = n + 1
 
 
+def _step_parts(
+    cuts: Ints,
+    slots: Ints, x: Floats, model: Floats, scale_before: Floats, scale: Floats,
+    ticks: Ints, history: Floats, rings: Floats, mix_weights: Floats, q: Floats,
+    reps: Ints, offsets: Ints, codes: Ints, damped: Floats, group_of_step: Ints, widen: Floats,
+    season: int, etas: Floats, floor: float, warm_up: int, huber: float, q_up: float,
+    q_down: float,
+    first_judged: int, max_score: float,
+    combined: Floats, lower: Floats, upper: Floats, weights0: Singles, q_out: Floats,
+    scored: Ints, covered: Ints,
+) -> None:  # fmt: skip
+    """:func:`_step` on the rows ``[cuts[p], cuts[p + 1])`` of every part p in parallel; the
+    arguments as there, except that part p counts its judged intervals in ``scored[p]`` and
+    ``covered[p]`` ((P, G), zero before)."""
+    for p in _prange(len(cuts) - 1):
+        a, b = cuts[p], cuts[p + 1]
+        _step_rows(
+            slots[a:b], x[a:b], model[a:b], scale_before[a:b], scale[a:b],
+            ticks, history, rings, mix_weights, q,
+            reps, offsets, codes, damped, group_of_step, widen,
+            season, etas, floor, warm_up, huber, q_up, q_down, first_judged, max_score,
+            combined[a:b], lower[a:b], upper[a:b], weights0[a:b], q_out[a:b], scored[p], covered[p],
+        )  # fmt: skip
+
+
 def _exp_gradient(
     past: Floats, x: float, fallback: float, denominator: float, weights: Floats, eta: float,
     floor: float, max_score: float, huber: float,
@@ -341,6 +389,9 @@ def _exp_gradient_run(
 track_quantiles: Any = _track_quantiles
 exp_gradient_run: Any = _exp_gradient_run
 step: Any = None
+step_parts: Any = None
+_step_rows: Any = _step
+_prange: Any = range
 if numba is not None:
     track_quantiles = numba.njit(cache=True, nogil=True)(_track_quantiles)
     _wrap = numba.njit(cache=True, inline="always")(_wrap)
@@ -348,4 +399,6 @@ if numba is not None:
     _seasonal_change = numba.njit(cache=True, inline="always")(_seasonal_change)
     _exp_gradient = numba.njit(cache=True, inline="always")(_exp_gradient)
     exp_gradient_run = numba.njit(cache=True, nogil=True)(_exp_gradient_run)
-    step = numba.njit(cache=True, nogil=True)(_step)
+    step = _step_rows = numba.njit(cache=True, nogil=True)(_step)
+    _prange = numba.prange
+    step_parts = numba.njit(cache=True, nogil=True, parallel=PARALLEL)(_step_parts)

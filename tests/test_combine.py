@@ -344,3 +344,43 @@ def test_the_compiled_step_equals_the_numpy_reference(
         a, b = getattr(compiled, name), getattr(reference, name)
         span = float(np.abs(b).max())
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * span + 1e-300, err_msg=name)
+
+
+@pytest.mark.skipif(
+    not combine_kernel.PARALLEL, reason="numba has no thread-safe layer here: waves run whole"
+)
+def test_a_wave_in_parallel_parts_equals_the_wave_in_one_part(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A large wave runs as parallel parts on torch's threads; every output, the judged counts
+    and the state after are bit for bit those of one part (rows are independent streams)."""
+    import torch
+
+    import pipeline.combine as combine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(7)
+        config = CombineConfig(season=4)
+        whole, parts = Combiner(config, 12, 300), Combiner(config, 12, 300)
+        x = rng.normal(0, 1, 300)
+        for tick in range(60):
+            slots = rng.choice(300, size=int(rng.integers(200, 301)), replace=False)
+            x[slots] += rng.normal(0, 1, len(slots))
+            model = x[slots, None] + rng.normal(0, 1, (len(slots), 12))
+            sb = np.abs(x[slots]) * 0.1 + 0.5
+            sa = sb * rng.uniform(0.9, 1.1, len(slots))
+            monkeypatch.setattr(combine, "ROWS_PER_PART", 10**9)
+            want = whole.step(slots, x[slots], model, sb, sa)
+            monkeypatch.setattr(combine, "ROWS_PER_PART", 64)
+            assert combine._parts(len(slots)) == 2
+            got = parts.step(slots, x[slots], model, sb, sa)
+            for field in ("forecast", "lower", "upper", "weights", "q", "scored", "covered"):
+                np.testing.assert_array_equal(getattr(got, field), getattr(want, field), field)
+            if tick > 20:
+                assert want.scored.sum() > 0  # intervals are being judged, so counts are compared
+        for name in Combiner.FIELDS:
+            np.testing.assert_array_equal(getattr(parts, name), getattr(whole, name), name)
+    finally:
+        torch.set_num_threads(threads)

@@ -7,9 +7,11 @@ Beside the network, every stream is forecast by cheap *members* (M of them, in t
 - ``damped``: ``last + c_h * (last - previous)`` with ``c_h = phi + ... + phi^h`` (``damping``);
 - ``trend``: ``last + h * (last - previous)`` (linear extrapolation);
 - ``seasonal``: the value ``season * ceil(h / season)`` ticks before the target (with a season);
-- ``seasonal_change``: the last value plus the change over the same h steps ``season *
-  ceil(h / season)`` ticks earlier (with a season): a daily profile carried from today's level,
-  which the plain seasonal rule misses when the level moves.
+- ``seasonal_change``: the last value plus the mean change over the same h steps ``season *
+  ceil(h / season)`` ticks earlier and in the :data:`SEASONS` - 1 seasons before that (with a
+  season; fewer while the history is shorter): a daily profile carried from today's level, which
+  the plain seasonal rule misses when the level moves; the mean of three seasons is less noisy
+  than one (decision 32).
 
 **Weights.** The H steps fall into G horizon groups (``group_starts``); group g is judged at its
 representative step r_g (the rounded geometric middle of the group). At every tick the members'
@@ -64,6 +66,7 @@ import numpy.typing as npt
 import torch
 
 from pipeline import combine_kernel
+from pipeline.combine_kernel import SEASONS
 from pipeline.normalize import F64, I64, grow_rows, put_rows
 
 MEMBERS = ("model", "persistence", "damped", "trend", "seasonal", "seasonal_change")
@@ -148,9 +151,12 @@ class Combiner:
         ]
         m, r_max = config.season, int(self.reps.max())
         self.length = max(r_max + 2, m * math.ceil(r_max / m) if m > 1 else 0, m)
-        if "seasonal_change" in self.members:  # it reaches r_max (or H) ticks further back
+        # Snapshots of versions 2 and 3 held the history of a seasonal change over one season.
+        self.length_v3 = self.length
+        if "seasonal_change" in self.members:  # it reaches r_max (or H) ticks further back,
             reach = max(m * math.ceil(r_max / m) + r_max, m * math.ceil(horizon / m))
-            self.length = max(self.length, reach + 1)
+            self.length_v3 = max(self.length, reach + 1)
+            self.length = max(self.length, reach + (SEASONS - 1) * m + 1)  # in SEASONS seasons
         phi = config.damping
         steps = np.arange(1, horizon + 1, dtype=np.float64)
         self._steps = steps
@@ -319,7 +325,11 @@ class Combiner:
                 if "seasonal" in self.members:
                     every["seasonal"] = v[j - back]
                 if "seasonal_change" in self.members:  # with a full history (can_run)
-                    every["seasonal_change"] = v_k + (v[j - back] - v[j - back - r])
+                    m = self.config.season
+                    changes = (
+                        v[j - back - i * m] - v[j - back - r - i * m] for i in range(SEASONS)
+                    )
+                    every["seasonal_change"] = v_k + sum(changes, np.zeros(n_ticks)) / SEASONS
                 for i, name in enumerate(self.members):
                     past[:, g, i] = every[name]
                 fallback[:, g] = v_k
@@ -338,8 +348,10 @@ class Combiner:
                 back = m * -(-steps // m)  # (H,) with a full history (can_run)
 
                 def seasonal() -> tuple[F64, F64]:
-                    then = v[j[:, None] + steps - back]
-                    return then, x[:, None] + (then - v[j[:, None] - back])
+                    ends = j[:, None] + steps - back  # (L, H) where the first change ends
+                    changes = (v[ends - i * m] - v[ends - steps - i * m] for i in range(SEASONS))
+                    total = sum(changes, np.zeros(ends.shape))
+                    return v[ends], x[:, None] + total / SEASONS
 
             combined = self._mix(weights, x, x - v[j - 1], model, seasonal)
         q_after, covered = self._track_quantiles(slot, x, combined, scale, kept)  # (L, G), (G,)
@@ -454,9 +466,25 @@ class Combiner:
         seasonal: F64 = np.where(src >= 0, then, x[:, None])
         if "seasonal_change" not in self.members:
             return seasonal, seasonal
-        moved = x[:, None] + (then - np.take(flat, row + start % length))
-        change: F64 = np.where(start >= 0, moved, x[:, None])
+        total, count = self._changes(row, n[:, None], n[:, None] - src, steps)
+        change: F64 = np.where(count > 0, x[:, None] + total / np.maximum(count, 1), x[:, None])
         return seasonal, change
+
+    def _changes(self, row: I64, n: I64, later: I64, span: I64) -> tuple[F64, I64]:
+        """Sum and number of the changes over ``span`` ticks ending ``later``, ``later + m``,
+        ... ticks before tick ``n`` for the last SEASONS seasons whose start is tick 0 or later
+        (arrays broadcast together; ``row`` the slots' first history index): the numpy twin of
+        :func:`pipeline.combine_kernel._changes`, same order of additions."""
+        m, length, flat = self.config.season, self.length, self.history.reshape(-1)
+        shape = np.broadcast(row, n, later, span).shape
+        total, count = np.zeros(shape), np.zeros(shape, dtype=np.int64)
+        for i in range(SEASONS):
+            end = n - later - i * m  # tick index where the change ends
+            ok = end - span >= 0
+            moved = np.take(flat, row + end % length) - np.take(flat, row + (end - span) % length)
+            total = total + np.where(ok, moved, 0.0)
+            count = count + ok
+        return total, count
 
     def _mix_rows(
         self, rows: Bools, weights: W32, slots: I64, n: I64, x: F64, prev: F64, model: F64
@@ -523,9 +551,9 @@ class Combiner:
             src = n[:, None] - back
             then = np.take(flat, row + src % length)
             every["seasonal"] = np.where(src >= 0, then, v_k)
-            start = k - back  # the same r_g steps, seasons earlier
-            moved = v_k + (then - np.take(flat, row + start % length))
-            every["seasonal_change"] = np.where(start >= 0, moved, v_k)
+            total, count = self._changes(row, n[:, None], back, reps)  # same r_g steps earlier
+            moved = v_k + total / np.maximum(count, 1)
+            every["seasonal_change"] = np.where(count > 0, moved, v_k)
         return np.stack([every[name] for name in self.members], axis=2), v_k
 
     # -- snapshots ----------------------------------------------------------------------------
@@ -538,6 +566,31 @@ class Combiner:
     def restore_rows(self, slots: I64, flat: F64) -> None:
         """Put back what :meth:`snapshot_rows` returned (ValueError on a width mismatch)."""
         put_rows(self, self.FIELDS, slots, flat, "combiner")
+
+    @property
+    def snapshot_width_v3(self) -> int:
+        """:attr:`snapshot_width` of snapshot versions 2 and 3 (a shorter history with a
+        season, see :attr:`length_v3`)."""
+        return self.snapshot_width - self.length + self.length_v3
+
+    def restore_rows_v3(self, slots: I64, flat: F64) -> None:
+        """:meth:`restore_rows` for rows of snapshot versions 2 and 3, whose history held
+        ``length_v3`` values. The ticks it did not keep are filled from the same phase of the
+        oldest season it kept, so the seasonal-change member's mean over seasons starts as the
+        older version's single season and takes in real seasons as they arrive."""
+        old, new = self.length_v3, self.length
+        if old == new:
+            self.restore_rows(slots, flat)
+            return
+        flat = np.asarray(flat, dtype=np.float64)
+        ticks = flat[:, 0].astype(np.int64)[:, None]  # (N, 1) ticks folded in
+        t = ticks - new + np.arange(new)  # (N, L) the ticks the new history holds
+        first_kept, m = ticks - old, self.config.season
+        source = np.where(t >= first_kept, t, t + m * -(-(first_kept - t) // m))
+        values = np.take_along_axis(flat[:, 1 : 1 + old], source % old, axis=1)
+        history = np.zeros((len(flat), new))
+        np.put_along_axis(history, t % new, np.where(t >= 0, values, 0.0), axis=1)
+        self.restore_rows(slots, np.concatenate([flat[:, :1], history, flat[:, 1 + old :]], axis=1))
 
 
 def _parts(n_rows: int) -> int:

@@ -57,6 +57,8 @@ Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 Singles = npt.NDArray[np.float32]
 
+# The seasonal-change member averages the change over this many past seasons (decision 32).
+SEASONS = 3
 # member codes, in pipeline.combine.MEMBERS order
 MODEL, PERSISTENCE, DAMPED, TREND, SEASONAL, SEASONAL_CHANGE = 0, 1, 2, 3, 4, 5
 
@@ -140,12 +142,10 @@ def _step(
                 elif c == SEASONAL:
                     back = season_back[g]  # season * ceil(r / season) <= length
                     f = history[slot, _wrap(base - back, length)] if n >= back else v_k
-                else:  # v_k plus the change over the same r steps a whole season earlier
-                    back = season_back[g]  # back + r < length
-                    f = v_k
-                    if k >= back:
-                        then = history[slot, _wrap(base - back, length)]
-                        f += then - history[slot, _wrap(base - back - r, length)]
+                else:  # v_k plus the mean change over the same r steps, seasons earlier
+                    total, count = _changes(history, slot, n, base, season_back[g], r, length,
+                                            season)  # fmt: skip
+                    f = v_k + total / count if count else v_k
                 every[j] = f
             group_weights = mix_weights[slot, g]
             _exp_gradient(every, xi, v_k, denominator, group_weights, eta, floor, max_score, huber)
@@ -192,7 +192,8 @@ def _step(
                         s_h = _seasonal(history, slot, n, base, step_back[h], length, xi)
                         out = out + (s_h - xi) * w_seasonal
                     if i_change >= 0:
-                        c_h = _seasonal_change(history, slot, n, base, step_back[h], h, length, xi)
+                        c_h = _seasonal_change(history, slot, n, base, step_back[h], h, length,
+                                               xi, season)  # fmt: skip
                         out = out + (c_h - xi) * w_change
                 combined[i, h] = out
                 check += out - out
@@ -214,7 +215,7 @@ def _step(
                         every[j] = _seasonal(history, slot, n, base, step_back[h], length, xi)
                     else:
                         every[j] = _seasonal_change(
-                            history, slot, n, base, step_back[h], h, length, xi
+                            history, slot, n, base, step_back[h], h, length, xi, season
                         )
                 out = 0.0
                 for j in range(n_members):
@@ -332,17 +333,35 @@ def _seasonal(
 
 
 def _seasonal_change(
-    history: Floats, slot: int, n: int, base: int, back: int, h: int, length: int, xi: float
-) -> float:
+    history: Floats, slot: int, n: int, base: int, back: int, h: int, length: int, xi: float,
+    season: int,
+) -> float:  # fmt: skip
     """The seasonal-change member's forecast made at tick n for step h + 1 (0-based ``h``):
-    x_n plus the change from ``back + h + 1`` to ``back`` ticks before n (the same steps a
-    whole number of seasons earlier); x_n while the history is shorter."""
-    start = back + h + 1
-    if n < start:
-        return xi
-    then = history[slot, _wrap(base - back, length)]
-    moved: float = xi + (then - history[slot, _wrap(base - start, length)])
-    return moved
+    x_n plus the mean change over the same h + 1 steps in the last :data:`SEASONS` seasons
+    (the first from ``back + h + 1`` to ``back`` ticks before n); x_n while the history holds
+    none of them."""
+    total, count = _changes(history, slot, n, base, back, h + 1, length, season)
+    return xi + total / count if count else xi
+
+
+def _changes(
+    history: Floats, slot: int, n: int, base: int, later: int, span: int, length: int,
+    season: int,
+) -> tuple[float, int]:  # fmt: skip
+    """Sum and number of the changes over ``span`` ticks ending ``later``, ``later + season``,
+    ... ticks before tick n (at ``base`` in the history), for the last :data:`SEASONS` seasons
+    whose start is tick 0 or later (the most recent first: a short history has the first k)."""
+    total, count = 0.0, 0
+    for i in range(SEASONS):
+        end = later + i * season
+        if n < end + span:
+            break
+        total += (
+            history[slot, _wrap(base - end, length)]
+            - history[slot, _wrap(base - end - span, length)]
+        )
+        count += 1
+    return total, count
 
 
 def _wrap(position: int, length: int) -> int:
@@ -396,6 +415,7 @@ if numba is not None:
     track_quantiles = numba.njit(cache=True, nogil=True)(_track_quantiles)
     _wrap = numba.njit(cache=True, inline="always")(_wrap)
     _seasonal = numba.njit(cache=True, inline="always")(_seasonal)
+    _changes = numba.njit(cache=True, inline="always")(_changes)
     _seasonal_change = numba.njit(cache=True, inline="always")(_seasonal_change)
     _exp_gradient = numba.njit(cache=True, inline="always")(_exp_gradient)
     exp_gradient_run = numba.njit(cache=True, nogil=True)(_exp_gradient_run)

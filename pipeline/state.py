@@ -23,7 +23,9 @@ O(streams touched), without reading the changelog.
 Version 1 (before the combiner) held the normalizer's numbers only; such a value still installs,
 with the combination starting fresh. Version 2 held, where version 3 holds the members'
 weights, their recent mean errors (decision 30); such a value installs with equal weights and
-everything else it holds (history, rings, interval quantiles).
+everything else it holds (history, rings, interval quantiles). With a season, versions 2 and 3
+held a shorter history (the seasonal-change member looked one season back, now three, decision
+32); it installs with the seasons it lacks filled from the oldest one it has.
 
 ``offset`` is the input offset of the newest tick folded into the state: a restore keeps a
 record only if that offset is below the partition's committed offset.
@@ -50,8 +52,8 @@ from pipeline.normalize import F64, I64, Normalizer, NormalizerConfig
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 3
-_VERSIONS = (1, 2, 3)  # readable
+SNAPSHOT_VERSION = 4
+_VERSIONS = (1, 2, 3, 4)  # readable
 _HEADER = struct.Struct("<BiqqdHH")
 
 
@@ -407,7 +409,7 @@ class StateStore:
         the statistics and ``seq`` are kept). Raises ValueError if the statistics do not fit.
         """
         n_norm = self.normalizer.snapshot_width
-        if len(snap.stats) not in (n_norm, self.stats_width):
+        if len(snap.stats) != self._stats_width(snap.version):
             raise ValueError(
                 f"stream snapshot has {len(snap.stats)} statistics, expected {self.stats_width}"
             )
@@ -442,7 +444,6 @@ class StateStore:
         by_size: dict[int, list[str]] = {}
         for stream, blob in snapshots.items():
             by_size.setdefault(len(blob), []).append(stream)
-        widths = (self.normalizer.snapshot_width, self.stats_width)  # version 1, later ones
         for size, streams in by_size.items():
             if size < _HEADER.size:
                 report.unusable += streams
@@ -458,7 +459,7 @@ class StateStore:
                 & (rows["n_norm"] == n_stats)
                 & (rows["n_hidden"] == n_hidden)
             )
-            if version not in _VERSIONS or n_stats != widths[version != 1]:
+            if version not in _VERSIONS or n_stats != self._stats_width(version):
                 ok[:] = False
             report.unusable += [s for s, good in zip(streams, ok.tolist(), strict=True) if not good]
             if not ok.all():
@@ -497,13 +498,25 @@ class StateStore:
         for h, part in zip(self.hidden, torch.split(flat, self.state_sizes, dim=1), strict=True):
             h.index_copy_(0, index, part.contiguous())
 
+    def _stats_width(self, version: int) -> int:
+        """Statistics floats in a snapshot of ``version`` for this model and combination."""
+        n_norm = self.normalizer.snapshot_width
+        if version == 1:
+            return n_norm
+        if version in (2, 3):
+            return n_norm + self.combiner.snapshot_width_v3
+        return self.stats_width
+
     def _restore_combination(self, slots: I64, rows: F64, version: int) -> None:
         """Put back the combiner's part of snapshots of ``version`` (rows (N, width), or
         (N, 0) for version 1, whose streams start the combination fresh)."""
         if version == 1:
             self.combiner.reset(slots)
             return
-        self.combiner.restore_rows(slots, rows)
+        if version in (2, 3):
+            self.combiner.restore_rows_v3(slots, rows)
+        else:
+            self.combiner.restore_rows(slots, rows)
         if version == 2:  # mean errors where the weights are now: start from equal weights
             self.combiner.reset_weights(slots)
 

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import combine_kernel
-from pipeline.combine import MEMBERS, WEIGHT_FLOOR, CombineConfig, Combiner
+from pipeline.combine import MEMBERS, SEASONS, WEIGHT_FLOOR, CombineConfig, Combiner
 from pipeline.engine import Engine
 from pipeline.messages import ForecastEncoder, Source, Tick
 from pipeline.model import load_model
@@ -238,7 +238,7 @@ def test_streams_are_combined_independently(lengths: list[int], seed: int) -> No
 
 
 @given(
-    before=st.integers(35, 70),  # can_run: more ticks than the history holds (31 with season 24)
+    before=st.integers(80, 120),  # can_run: more ticks than the history holds (79 with season 24)
     length=st.integers(1, 80),
     season=st.sampled_from([0, 4, 24]),
     seed=st.integers(0, 2**16),
@@ -300,6 +300,27 @@ def test_combine_off_serves_the_model_alone_without_bounds() -> None:
         ["s0"], np.array([1.0]), np.array([1]), off.forecast[:1], "m", [True]
     )
     assert b"lower" not in record[0]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_seasonal_change_member_is_the_mean_change_of_the_last_seasons(compiled: bool) -> None:
+    """Alone in the mix, the seasonal-change member forecasts step h as the last value plus the
+    mean change over the same h steps in each of the last SEASONS seasons, fewer while the
+    history is shorter (both the kernel and the numpy step)."""
+    m, horizon = 4, 4
+    config = CombineConfig(members=("seasonal_change",), season=m)
+    comb = Combiner(config, horizon, 1)
+    comb.compiled = compiled
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, 40)
+    for t in range(len(x)):
+        got = comb.step(np.array([0]), x[t : t + 1], x[t : t + 1, None].repeat(horizon, 1),
+                        np.ones(1), np.ones(1)).forecast[0]  # fmt: skip
+        for h in range(1, horizon + 1):
+            ends = [t - m + h - i * m for i in range(SEASONS)]  # the change to each source tick
+            changes = [x[e] - x[e - h] for e in ends if e - h >= 0]
+            want = x[t] + np.mean(changes) if changes else x[t]
+            assert got[h - 1] == pytest.approx(want, rel=1e-12, abs=1e-12), (t, h)
 
 
 @given(

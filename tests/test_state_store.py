@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from pipeline.combine import CombineConfig
 from pipeline.engine import Engine
 from pipeline.messages import Source, Tick
 from pipeline.model import load_model
@@ -34,8 +35,10 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_model(tmp_path_factory.mktemp("m") / "m.pt", layers=(6, 3), horizon=2)
 
 
-def fed_engine(path: Path, streams: int = 5, ticks: int = 8) -> Engine:
-    engine = Engine(load_model(path), capacity=2)
+def fed_engine(
+    path: Path, streams: int = 5, ticks: int = 8, combine: CombineConfig | None = None
+) -> Engine:
+    engine = Engine(load_model(path), capacity=2, combine=combine)
     rng = np.random.default_rng(0)
     batch = [
         Tick(f"s{k}", T0 + t, (float(rng.normal(10.0**k, 1)),), Source("in", k % 3, 10 * t + k))
@@ -331,11 +334,13 @@ def test_bulk_snapshots_of_a_covariate_model_equal_one_by_one(tmp_path: Path) ->
     assert engine.store.snapshots([]) == []
 
 
-def installed_both_ways(path: Path, stream: str, blob: bytes) -> Iterator[tuple[StateStore, int]]:
+def installed_both_ways(
+    path: Path, stream: str, blob: bytes, combine: CombineConfig | None = None
+) -> Iterator[tuple[StateStore, int]]:
     """``blob`` installed as ``stream`` into a fresh store in bulk, then into another one by
     one: each store with the stream's slot."""
     for install in ("bulk", "one"):
-        target = Engine(load_model(path), capacity=2).store
+        target = Engine(load_model(path), capacity=2, combine=combine).store
         if install == "bulk":
             assert target.install({stream: blob}).installed == 1
         else:
@@ -379,4 +384,38 @@ def test_a_version_2_snapshot_installs_with_equal_weights_and_the_rest_kept(
             np.testing.assert_array_equal(getattr(target.combiner, name)[t],
                                           getattr(comb, name)[slot])  # fmt: skip
         assert target.seq[t] == current.seq
-        assert Snapshot.decode(target.snapshot("s2")).version == 3
+        assert Snapshot.decode(target.snapshot("s2")).version == SNAPSHOT_VERSION
+
+
+def test_a_version_3_snapshot_with_a_season_installs_its_shorter_history(
+    model_path: Path,
+) -> None:
+    """With a season, version 3 held the history of one season's change; the version-4 history
+    reaches SEASONS seasons back (decision 32). Such a value installs with every kept tick in
+    its place and the older ticks taken from the same phase of the oldest kept season, so the
+    mean change over seasons starts as version 3's one-season change."""
+    config = CombineConfig(season=4)
+    source = fed_engine(model_path, streams=3, ticks=60, combine=config).store
+    comb, slot = source.combiner, source.slot_of["s2"]
+    old, new, m = comb.length_v3, comb.length, config.season
+    assert old < new
+    n = int(comb.ticks[slot])
+    kept = np.arange(n - old, n)  # the ticks version 3 held, at tick mod old
+    history_v3 = np.zeros(old)
+    history_v3[kept % old] = comb.history[slot, kept % new]
+    current = Snapshot.decode(source.snapshot("s2"))
+    n_norm = source.normalizer.snapshot_width
+    stats = current.stats[: n_norm + 1] + history_v3.tolist() + current.stats[n_norm + 1 + new :]
+    header = struct.pack("<BiqqdHH", 3, current.partition, current.offset, current.seq,
+                         current.prev_forecast, len(stats), len(current.hidden) // 4)  # fmt: skip
+    v3 = header + struct.pack(f"<{len(stats)}d", *stats) + current.hidden
+    for target, t in installed_both_ways(model_path, "s2", v3, config):
+        got = target.combiner
+        for name in ("ticks", "rings", "mix_weights", "q"):
+            np.testing.assert_array_equal(getattr(got, name)[t], getattr(comb, name)[slot])
+        np.testing.assert_array_equal(got.history[t, kept % new], comb.history[slot, kept % new])
+        for tick in range(n - new, n - old):  # filled: the same phase, seasons later
+            later = tick + m * -(-(n - old - tick) // m)
+            assert n - old <= later < n - old + m
+            assert got.history[t, tick % new] == comb.history[slot, later % new]
+        assert Snapshot.decode(target.snapshot("s2")).version == SNAPSHOT_VERSION

@@ -409,7 +409,8 @@ def test_soak(
     seed = first_seed
     while time.monotonic() < deadline:
         report = run_scenario(seed, bootstrap, start_daemon, tmp_path_factory.mktemp(f"s{seed}"))
-        totals.update({k: v for k, v in vars(report).items() if k not in ("seed", "seconds")})
+        counts = {k: v for k, v in vars(report).items() if k not in ("seed", "season", "seconds")}
+        totals.update(counts)
         totals["runs"] += 1
         seed += 1
         print(f"soak seed={report.seed} {report}", flush=True)

@@ -183,8 +183,11 @@ class Combiner:
         self.mix_weights: F64 = np.full((capacity, g, len(self.members)), 1 / len(self.members))
         self.q: F64 = np.full((capacity, g), PRIOR_Q)
         if self.compiled:  # compile (~3 s once per machine, then ~0.3 s from numba's cache) now,
-            empty = np.zeros(0)  # not in the first wave of ticks (nor the first large one)
-            for parts in (1, 2) if combine_kernel.PARALLEL else (1,):
+            empty = np.zeros(0)  # not in the first wave of ticks (nor the first large one).
+            # The parallel kernel only when torch may use more than one thread: starting numba's
+            # OpenMP threads in a one-thread process (the daemon's default) made torch's own
+            # calls spin on them (CPU per tick at 1k ticks/s: 2.4x, decision 31).
+            for parts in (1, 2) if _parts(2 * ROWS_PER_PART) > 1 else (1,):
                 self._step_compiled(np.zeros(0, dtype=np.int64), empty, np.zeros((0, horizon)),
                                     empty, empty, parts)  # fmt: skip
 

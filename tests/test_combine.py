@@ -9,6 +9,8 @@ inside the serving path.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -405,3 +407,21 @@ def test_a_wave_in_parallel_parts_equals_the_wave_in_one_part(
             np.testing.assert_array_equal(getattr(parts, name), getattr(whole, name), name)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_one_thread_process_never_starts_numbas_threads() -> None:
+    """With torch on one thread (the daemon's default) the combiner neither compiles nor runs
+    the parallel kernel: starting numba's OpenMP threads made torch's calls spin on them and
+    cost 2.4x the CPU per tick at 1k ticks/s (decision 31). Checked in a fresh process."""
+    script = (
+        "import torch, numpy as np\n"
+        "torch.set_num_threads(1)\n"
+        "from numba.np.ufunc import parallel\n"
+        "from pipeline.combine import CombineConfig, Combiner\n"
+        "c = Combiner(CombineConfig(season=4), 24, 4096)\n"
+        "n = 4096\n"
+        "c.step(np.arange(n), np.ones(n), np.ones((n, 24)), np.ones(n), np.ones(n))\n"
+        "assert not parallel._is_initialized, 'numba started its threads'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

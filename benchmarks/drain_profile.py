@@ -122,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"drained {daemon.totals.consumed:,} ticks in {seconds:.2f} s: "
             f"{daemon.totals.consumed / seconds:,.0f} ticks/s ({args.guarantee}, "
             f"{'profiled' if not args.no_profile else 'not profiled'}); "
-            f"CPU {cpu_s / max(ticks, 1) * 1000:.3f} s per 1,000 ticks"
+            f"CPU {cpu_s / max(ticks, 1) * 1000:.3f} s per 1,000 ticks; "
+            f"{daemon.totals.commits:,} commits"
         )
         window_s = at_stop.pop("process") - cpu[0]
         window_ticks = at_stop.pop("ticks") - cpu[1]

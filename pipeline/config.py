@@ -79,6 +79,11 @@ class KafkaSettings(_Section):
     # read_committed consumers at the commit, so this bounds the latency it adds.
     commit_interval_ms: int = Field(default=100, ge=0)
     commit_records: int = Field(default=10_000, ge=1)
+    # ... and while the daemon is caught up (its last poll read every partition it touched to
+    # the high watermark), as soon as this many records are in: a steady feed's forecasts are
+    # not held back for the interval, a backlog still commits at most once per interval
+    # (decisions.md 34). Set it to commit_records to turn the rule off.
+    commit_records_caught_up: int = Field(default=125, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     linger_ms: int = Field(default=5, ge=0)
     # Producer batch size per partition. kafka-python's 16 KiB default splits one poll's

@@ -37,6 +37,9 @@ class Polled:
     # is rolled back (only partitions with records in this batch).
     starts: dict[int, int] = field(default_factory=dict)
     skipped: int = 0  # redelivered records already processed by this instance
+    # Every partition read in this poll was read up to its high watermark (as of the fetch):
+    # the daemon is caught up and nothing waits to join the batch (pipeline.transaction).
+    caught_up: bool = False
 
     def __len__(self) -> int:
         return len(self.ticks) + len(self.rejections)
@@ -90,6 +93,7 @@ class Source:
                 raw.extend(kept)
             polled.offsets[p] = records[-1][3] + 1
             self._next[p] = max(first, records[-1][3] + 1)
+        polled.caught_up = bool(batches) and all(map(self._read_to_end, polled.offsets.items()))
         if raw:
             polled.ticks, polled.rejections = decode_records(
                 self.topic,
@@ -99,6 +103,13 @@ class Source:
                 positive=self.positive,
             )
         return polled
+
+    def _read_to_end(self, partition_offset: tuple[int, int]) -> bool:
+        """Whether ``(partition, next offset)`` is at the partition's high watermark (False
+        while the watermark is unknown)."""
+        partition, offset = partition_offset
+        high = self.consumer.highwater(partition)
+        return high is not None and offset >= high
 
     def _first_new(self, partition: int, offset: int) -> int:
         """First offset of this fetch not yet processed by this instance."""

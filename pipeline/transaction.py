@@ -9,10 +9,15 @@ once per commit (not once per poll), and reports the committed batches to the me
 
 Cadence: a commit covers up to ``kafka.commit_interval_ms`` or ``kafka.commit_records``,
 whichever comes first (as Kafka Streams' ``commit.interval.ms`` and Quix Streams' checkpoint
-do). Small polls are gathered and run through the engine together once a full poll's worth
-(``kafka.max_poll_records``) is there, the first of them is ``GATHER_S`` (20 ms) old, or the
-commit is near: their outputs are invisible until the commit anyway, and each engine batch and
-each batch of sends has a fixed cost (at 1k ticks/s a poll holds a handful of records). A full
+do); while the daemon is caught up (the last poll read its partitions to the high watermark,
+:attr:`Polled.caught_up`) also as soon as ``kafka.commit_records_caught_up`` records are in.
+Under exactly-once the forecasts are visible only after the commit, so at a steady rate the
+interval is latency; during a backlog a commit per few polls would cost throughput instead
+(decisions.md 33, 34). Small polls are gathered and run through the engine together once a
+full poll's worth (``kafka.max_poll_records``) is there, the first of them is ``GATHER_S``
+(20 ms) old, or the commit is near: their outputs are invisible until the commit anyway, and
+each engine batch and each batch of sends has a fixed cost (at 1k ticks/s a poll holds a
+handful of records). A full
 poll (a backlog) is processed at once, as before: gathering several of them measured slower,
 and so did latency when every small poll waited for the commit (decisions.md 28).
 
@@ -118,6 +123,7 @@ class Transaction:
         kafka = settings.kafka
         self.interval_s = kafka.commit_interval_ms / 1000
         self.max_records = kafka.commit_records
+        self.caught_up_records = min(kafka.commit_records_caught_up, kafka.commit_records)
         self.max_poll_records = kafka.max_poll_records
         # Consecutive failed transactions: 0.1 s, doubling, at most 15 s before the next one.
         self.backoff = Backoff(stop, first_s=0.1, max_s=MAX_BACKOFF_S)
@@ -132,6 +138,7 @@ class Transaction:
         self._gathered: list[Polled] = []  # polled, not yet processed
         self._gathered_since = 0.0
         self._began = False  # the Kafka transaction (exactly-once) has begun
+        self._caught_up = False  # the last poll added read its partitions to the end
         self._pending = _Pending()
 
     @property
@@ -145,7 +152,12 @@ class Transaction:
         if not self.is_open:
             return False
         now = time.monotonic() if now is None else now
-        return self._pending.records >= self.max_records or now - self.opened_at >= self.interval_s
+        records = self._pending.records
+        return (
+            records >= self.max_records
+            or (self._caught_up and records >= self.caught_up_records)
+            or now - self.opened_at >= self.interval_s
+        )
 
     def time_left_ms(self, now: float | None = None) -> int:
         """Milliseconds until the open transaction is due (for the poll timeout)."""
@@ -179,6 +191,7 @@ class Transaction:
             self._starts.setdefault(p, o)
         self._pending.batches += 1
         self._pending.records += len(polled)
+        self._caught_up = polled.caught_up
         if self.due(now):
             self.commit()
         elif (

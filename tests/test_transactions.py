@@ -360,3 +360,37 @@ def test_a_batch_polled_before_a_failed_commit_is_read_again_in_order(bootstrap:
     docs = [r.json() for r in read_topic(bootstrap, s.kafka.output_topic, len(records),
                                          idle_s=1.5)]  # fmt: skip
     _check(docs, _reference(records))
+
+
+def test_a_caught_up_daemon_commits_early_and_a_backlog_waits_for_the_interval(
+    bootstrap: str,
+) -> None:
+    """``kafka.commit_records_caught_up``: once a poll has read its partitions to the high
+    watermark, the transaction commits as soon as that many records are in (a steady feed's
+    forecasts are not held back for the interval); polls behind the watermark (a backlog) keep
+    gathering until the interval or ``commit_records``. Fails if either side ignores the poll's
+    position."""
+    inp = unique("ticks")
+    create_topics(bootstrap, [inp], 1)
+    kafka = {"max_poll_records": 25, "commit_interval_ms": 600_000, "commit_records": 10_000,
+             "commit_records_caught_up": 30}  # fmt: skip
+    s = _settings(bootstrap, inp, unique("g"), kafka=kafka)
+    backlog = _ticks(0, 20, 5)  # 100 records: four full polls, the last one at the watermark
+    produce(bootstrap, inp, backlog)
+    daemon = Daemon(s, load_model(None))
+    assert daemon._connect()
+    try:
+        _run_until(daemon, lambda: daemon.totals.consumed == 100)
+        assert (daemon.totals.commits, daemon.totals.batches) == (1, 4)
+        steady = _ticks(20, 4, 5)  # 20 records at once: one poll at the watermark, below 30
+        produce(bootstrap, inp, steady)
+        _run_until(daemon, lambda: daemon.unit._pending.records == 20)
+        assert daemon.totals.commits == 1  # caught up, but fewer than 30 records are in
+        produce(bootstrap, inp, _ticks(24, 2, 5))  # 10 more: 30 in, caught up -> commit
+        _run_until(daemon, lambda: daemon.totals.consumed == 130)
+        assert daemon.totals.commits == 2 and daemon.unit._pending.records == 0
+    finally:
+        daemon._close()
+    records = backlog + steady + _ticks(24, 2, 5)
+    docs = [r.json() for r in read_topic(bootstrap, s.kafka.output_topic, 130, idle_s=1.5)]
+    _check(docs, _reference(records))

@@ -36,6 +36,27 @@ from pipeline.runner import tune_gc
 from . import loadgen
 
 
+def _time_client_polls(client: str, started: list[float]) -> list[float]:
+    """Wrap the consumer client's ``poll`` so its wall time after ``started[0]`` is set adds up
+    in the returned one-element list."""
+    from pipeline.clients import confluent, kafka_python
+
+    cls = confluent.Consumer if client == "confluent-kafka" else kafka_python.Consumer
+    original = cls.poll
+    spent = [0.0]
+
+    def poll(self: object, timeout_ms: int) -> object:
+        t0 = time.perf_counter()
+        try:
+            return original(self, timeout_ms)  # type: ignore[arg-type]
+        finally:
+            if started[0]:
+                spent[0] += time.perf_counter() - t0
+
+    cls.poll = poll  # type: ignore[assignment,method-assign]
+    return spent
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=30_000)
@@ -111,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return n
 
         daemon.step = step  # type: ignore[method-assign]
+        in_poll = _time_client_polls(settings.kafka.client, started)
         if not args.no_profile:
             profiler.enable()
         daemon.run()
@@ -123,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{daemon.totals.consumed / seconds:,.0f} ticks/s ({args.guarantee}, "
             f"{'profiled' if not args.no_profile else 'not profiled'}); "
             f"CPU {cpu_s / max(ticks, 1) * 1000:.3f} s per 1,000 ticks; "
-            f"{daemon.totals.commits:,} commits"
+            f"{daemon.totals.commits:,} commits; {in_poll[0]:.2f} s in the client's poll "
+            f"after the first record (waiting for fetches, and the client's own decoding)"
         )
         window_s = at_stop.pop("process") - cpu[0]
         window_ticks = at_stop.pop("ticks") - cpu[1]

@@ -176,6 +176,8 @@ def run_scenario(
         # 40-160 records used to fit one 100 ms transaction once the engine got faster, and
         # a run could end with no incarnation reaching its second commit).
         "PIPELINE_KAFKA__COMMIT_RECORDS": "50",
+        # Commits on the caught-up bound too (decisions.md 34): at most 50, often fewer.
+        "PIPELINE_KAFKA__COMMIT_RECORDS_CAUGHT_UP": str(rng.choice([5, 20, 125])),
     }
     # Seasonal members on two runs of three (make test's seeds 1 and 2 have them): their
     # history reaches seasons back and must come back whole after every kill.

@@ -37,21 +37,21 @@ from . import loadgen
 
 
 def _time_client_polls(client: str, started: list[float]) -> list[float]:
-    """Wrap the consumer client's ``poll`` so its wall time after ``started[0]`` is set adds up
-    in the returned one-element list."""
+    """Wrap the consumer client's ``poll`` so its wall time after ``started[0]`` is set, and the
+    number of polls that returned records, add up in the returned list."""
     from pipeline.clients import confluent, kafka_python
 
     cls = confluent.Consumer if client == "confluent-kafka" else kafka_python.Consumer
     original = cls.poll
-    spent = [0.0]
+    spent = [0.0, 0.0]  # seconds, polls that returned records
 
     def poll(self: object, timeout_ms: int) -> object:
         t0 = time.perf_counter()
-        try:
-            return original(self, timeout_ms)  # type: ignore[arg-type]
-        finally:
-            if started[0]:
-                spent[0] += time.perf_counter() - t0
+        got = original(self, timeout_ms)  # type: ignore[arg-type]
+        if started[0]:
+            spent[0] += time.perf_counter() - t0
+            spent[1] += bool(got)
+        return got
 
     cls.poll = poll  # type: ignore[assignment,method-assign]
     return spent
@@ -145,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{daemon.totals.consumed / seconds:,.0f} ticks/s ({args.guarantee}, "
             f"{'profiled' if not args.no_profile else 'not profiled'}); "
             f"CPU {cpu_s / max(ticks, 1) * 1000:.3f} s per 1,000 ticks; "
-            f"{daemon.totals.commits:,} commits; {in_poll[0]:.2f} s in the client's poll "
-            f"after the first record (waiting for fetches, and the client's own decoding)"
+            f"{daemon.totals.commits:,} commits; {in_poll[1]:,.0f} polls with records, "
+            f"{in_poll[0]:.2f} s in the client's poll after the first record (waiting for "
+            f"fetches, and the client's own decoding)"
         )
         window_s = at_stop.pop("process") - cpu[0]
         window_ticks = at_stop.pop("ticks") - cpu[1]

@@ -299,8 +299,7 @@ class Daemon:
             self._restore_pending()
         if polled:
             unit.add(polled)
-        if unit.due():
-            unit.commit()
+        unit.commit_if_due()
         if now >= self._next_progress:
             self._log_progress()
             self._next_progress = now + PROGRESS_INTERVAL_S

@@ -226,6 +226,16 @@ REJOINS_FORCED = Counter(
     "Consumers recreated because the group owed an assignment past kafka.rejoin_timeout_ms.",
 )
 ASSIGNED = Gauge("pipeline_assigned_partitions", "Input partitions assigned to this instance.")
+COMMITS = Counter(
+    "pipeline_commits_total",
+    "Commits (exactly-once: transactions) by what made them due: interval (kafka."
+    "commit_interval_ms), records (kafka.commit_records), caught_up (kafka."
+    "commit_records_caught_up) or forced (rebalance, restore, model reload, shutdown).",
+    ["trigger"],
+)
+COMMIT_RECORDS = Histogram(
+    "pipeline_commit_records", "Input records per commit.", buckets=SIZE_BUCKETS
+)
 TRANSACTIONS = Counter(
     "pipeline_transactions_total",
     "Micro-batch transactions by outcome (committed, aborted).",

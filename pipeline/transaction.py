@@ -38,6 +38,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -56,6 +57,8 @@ from pipeline.ticks import TickBatch
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 15.0
+# What made a commit due (the label of pipeline_commits_total).
+Trigger = Literal["interval", "records", "caught_up", "forced"]
 # Small polls wait in the transaction for at most this long before they are processed (and
 # not at all in its last this-long before the commit): long enough to turn a trickle of polls
 # into a few engine batches per commit, short enough that the commit does not wait for much to
@@ -147,17 +150,25 @@ class Transaction:
 
     # -- the cadence ----------------------------------------------------------------------------
 
-    def due(self, now: float | None = None) -> bool:
-        """Whether the open transaction should commit now."""
+    def due(self, now: float | None = None) -> Trigger | None:
+        """What makes the open transaction due now (the cadence of the module docstring), or
+        None if nothing does."""
         if not self.is_open:
-            return False
+            return None
         now = time.monotonic() if now is None else now
         records = self._pending.records
-        return (
-            records >= self.max_records
-            or (self._caught_up and records >= self.caught_up_records)
-            or now - self.opened_at >= self.interval_s
-        )
+        if records >= self.max_records:
+            return "records"
+        if self._caught_up and records >= self.caught_up_records:
+            return "caught_up"
+        if now - self.opened_at >= self.interval_s:
+            return "interval"
+        return None
+
+    def commit_if_due(self, now: float | None = None) -> bool:
+        """Commit if the cadence says so; True if a commit was made and succeeded."""
+        trigger = self.due(now)
+        return trigger is not None and self.commit(trigger=trigger)
 
     def time_left_ms(self, now: float | None = None) -> int:
         """Milliseconds until the open transaction is due (for the poll timeout)."""
@@ -192,8 +203,9 @@ class Transaction:
         self._pending.batches += 1
         self._pending.records += len(polled)
         self._caught_up = polled.caught_up
-        if self.due(now):
-            self.commit()
+        trigger = self.due(now)
+        if trigger is not None:
+            self.commit(trigger=trigger)
         elif (
             sum(map(len, self._gathered)) >= self.max_poll_records
             or now - self._gathered_since >= GATHER_S
@@ -302,8 +314,10 @@ class Transaction:
 
     # -- commit / abort -------------------------------------------------------------------------
 
-    def commit(self, *, in_rebalance: bool = False) -> bool:
+    def commit(self, *, in_rebalance: bool = False, trigger: Trigger = "forced") -> bool:
         """Make the open transaction's batches durable; True if committed (or nothing open).
+        ``trigger`` labels the commit in ``pipeline_commits_total``: the cadence's reason, or
+        ``forced`` when the daemon commits before a rebalance, restore, reload or shutdown.
 
         On failure the batches are rolled back and rewound (see the module docstring); inside
         a rebalance callback (``in_rebalance``) no backoff is taken and only partitions still
@@ -335,6 +349,8 @@ class Transaction:
         self.keeper.batch_committed()
         self.backoff.reset()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.COMMITS.labels(trigger).inc()
+        metrics.COMMIT_RECORDS.observe(self._pending.records)
         self._report(time.time())
         self._reset()
         return True

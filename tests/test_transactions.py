@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from kafka import KafkaProducer
+from prometheus_client import REGISTRY
 
 from pipeline import transaction
 from pipeline.clients import ClientError
@@ -362,6 +363,15 @@ def test_a_batch_polled_before_a_failed_commit_is_read_again_in_order(bootstrap:
     _check(docs, _reference(records))
 
 
+def _commits(trigger: str) -> float:
+    return REGISTRY.get_sample_value("pipeline_commits_total", {"trigger": trigger}) or 0.0
+
+
+def _commit_records() -> float:
+    """The sum of ``pipeline_commit_records``: input records committed so far."""
+    return REGISTRY.get_sample_value("pipeline_commit_records_sum") or 0.0
+
+
 def test_a_caught_up_daemon_commits_early_and_a_backlog_waits_for_the_interval(
     bootstrap: str,
 ) -> None:
@@ -378,10 +388,14 @@ def test_a_caught_up_daemon_commits_early_and_a_backlog_waits_for_the_interval(
     backlog = _ticks(0, 20, 5)  # 100 records: four full polls, the last one at the watermark
     produce(bootstrap, inp, backlog)
     daemon = Daemon(s, load_model(None))
+    before = {t: _commits(t) for t in ("caught_up", "interval", "records")}
+    records_before = _commit_records()
     assert daemon._connect()
     try:
         _run_until(daemon, lambda: daemon.totals.consumed == 100)
         assert (daemon.totals.commits, daemon.totals.batches) == (1, 4)
+        assert _commits("caught_up") == before["caught_up"] + 1
+        assert _commit_records() == records_before + 100
         steady = _ticks(20, 4, 5)  # 20 records at once: one poll at the watermark, below 30
         produce(bootstrap, inp, steady)
         _run_until(daemon, lambda: daemon.unit._pending.records == 20)
@@ -389,6 +403,9 @@ def test_a_caught_up_daemon_commits_early_and_a_backlog_waits_for_the_interval(
         produce(bootstrap, inp, _ticks(24, 2, 5))  # 10 more: 30 in, caught up -> commit
         _run_until(daemon, lambda: daemon.totals.consumed == 130)
         assert daemon.totals.commits == 2 and daemon.unit._pending.records == 0
+        after = {t: _commits(t) for t in ("caught_up", "interval", "records")}
+        assert after == {**before, "caught_up": before["caught_up"] + 2}
+        assert _commit_records() == records_before + 130
     finally:
         daemon._close()
     records = backlog + steady + _ticks(24, 2, 5)

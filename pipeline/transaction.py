@@ -14,12 +14,12 @@ do); while the daemon is caught up (the last poll read its partitions to the hig
 Under exactly-once the forecasts are visible only after the commit, so at a steady rate the
 interval is latency; during a backlog a commit per few polls would cost throughput instead
 (decisions.md 33, 34). Small polls are gathered and run through the engine together once a
-full poll's worth (``kafka.max_poll_records``) is there, the first of them is ``GATHER_S``
-(20 ms) old, or the commit is near: their outputs are invisible until the commit anyway, and
-each engine batch and each batch of sends has a fixed cost (at 1k ticks/s a poll holds a
-handful of records). A full
-poll (a backlog) is processed at once, as before: gathering several of them measured slower,
-and so did latency when every small poll waited for the commit (decisions.md 28).
+full poll's worth (``kafka.max_poll_records``) is there, the commit is due or near, or (only
+while behind the high watermark) the first of them is ``GATHER_S`` (20 ms) old: their outputs
+are invisible until the commit anyway, and each engine batch and each batch of sends has a
+fixed cost (at 1k ticks/s a poll holds a few dozen records). A full poll (a backlog) is
+processed at once: gathering several of them measured slower (decisions.md 28). While caught
+up, small polls wait for the commit, which the caught-up bound keeps small (decisions.md 35).
 
 The daemon must call :meth:`Transaction.commit` before anything changes the store outside the
 engine (rebalance, restore, model reload, shutdown): the undo log would not know those changes,
@@ -59,8 +59,9 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 15.0
 # What made a commit due (the label of pipeline_commits_total).
 Trigger = Literal["interval", "records", "caught_up", "forced"]
-# Small polls wait in the transaction for at most this long before they are processed (and
-# not at all in its last this-long before the commit): long enough to turn a trickle of polls
+# Small polls behind the high watermark wait in the transaction for at most this long before
+# they are processed (and not at all in its last this-long before the commit; caught-up polls
+# wait for the commit, decisions.md 35): long enough to turn a trickle of polls
 # into a few engine batches per commit, short enough that the commit does not wait for much to
 # be processed and delivered (what is processed early is sent while the transaction is open).
 GATHER_S = 0.02
@@ -181,9 +182,9 @@ class Transaction:
 
     def add(self, polled: Polled) -> None:
         """Gather one polled micro-batch into the open transaction (opened here if needed);
-        processes what is gathered once it is a full poll's worth or ``GATHER_S`` old or the
-        commit is less than ``GATHER_S`` away, and commits when the cadence says so (module
-        docstring)."""
+        processes what is gathered once it is a full poll's worth or (behind the watermark)
+        ``GATHER_S`` old or the commit is less than ``GATHER_S`` away, and commits when the
+        cadence says so (module docstring)."""
         if not len(polled):
             return
         assert self.source is not None
@@ -208,7 +209,8 @@ class Transaction:
             self.commit(trigger=trigger)
         elif (
             sum(map(len, self._gathered)) >= self.max_poll_records
-            or now - self._gathered_since >= GATHER_S
+            # Caught up, the commit comes at caught_up_records or the interval: wait for it.
+            or (now - self._gathered_since >= GATHER_S and not self._caught_up)
             or self.opened_at + self.interval_s - now <= GATHER_S  # the commit is near
         ):
             self._process(False)  # False: could not begin; rewound, backed off, reset

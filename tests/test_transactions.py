@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError, TransactionsUnsupported
 from pipeline.messages import Source, Tick, decode
 from pipeline.model import load_model
 from pipeline.sink import AtLeastOnceSink, ExactlyOnceSink
+from pipeline.source import Source as PollSource
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
@@ -303,15 +304,25 @@ def test_a_broker_without_transactions_gets_at_least_once(
     again._close()
 
 
-@pytest.mark.parametrize(("gather_s", "sizes"), [(60.0, [12, 12]), (0.0, [4] * 6)])
+@pytest.mark.parametrize(
+    ("gather_s", "behind", "sizes"),
+    [(60.0, True, [12, 12]), (0.0, True, [4] * 6), (0.0, False, [12, 12])],
+)
 def test_small_polls_are_gathered_into_fewer_engine_batches(
-    bootstrap: str, monkeypatch: pytest.MonkeyPatch, gather_s: float, sizes: list[int]
+    bootstrap: str,
+    monkeypatch: pytest.MonkeyPatch,
+    gather_s: float,
+    behind: bool,
+    sizes: list[int],
 ) -> None:
-    """Polls smaller than ``kafka.max_poll_records`` wait in the open transaction (up to
-    ``GATHER_S``) and go through the engine together (at low rates a poll holds a few records,
-    and every engine batch and every batch of sends has a fixed cost); the forecasts are a
-    clean run's either way."""
+    """Polls smaller than ``kafka.max_poll_records`` wait in the open transaction and go
+    through the engine together (at low rates a poll holds a few records, and every engine
+    batch and every batch of sends has a fixed cost): behind the high watermark for up to
+    ``GATHER_S``, caught up until the commit (decisions.md 35). The forecasts are a clean
+    run's either way. ``behind`` makes every poll look short of the watermark."""
     monkeypatch.setattr(transaction, "GATHER_S", gather_s)
+    if behind:
+        monkeypatch.setattr(PollSource, "_read_to_end", lambda self, partition_offset: False)
     inp = unique("ticks")
     create_topics(bootstrap, [inp], 1)
     kafka = {"max_poll_records": 1000, "commit_interval_ms": 600_000, "commit_records": 12}

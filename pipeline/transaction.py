@@ -351,9 +351,7 @@ class Transaction:
         self.keeper.batch_committed()
         self.backoff.reset()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        metrics.COMMITS.labels(trigger).inc()
-        metrics.COMMIT_RECORDS.observe(self._pending.records)
-        self._report(time.time())
+        self._report(time.time(), trigger)
         self._reset()
         return True
 
@@ -373,9 +371,11 @@ class Transaction:
         if not in_rebalance:  # no sleeping inside a rebalance callback
             self.backoff.wait(delay)
 
-    def _report(self, committed_at: float) -> None:
+    def _report(self, committed_at: float, trigger: Trigger) -> None:
         """Metrics and totals of the committed batches (aborted ones are not counted)."""
         pending, kafka = self._pending, self.settings.kafka
+        metrics.COMMITS.labels(trigger).inc()
+        metrics.COMMIT_RECORDS.observe(pending.records)
         topic = kafka.input_topic
         metrics.TICKS.labels(topic).inc(pending.records)
         metrics.FORECASTS.labels(kafka.output_topic).inc(pending.forecasts)

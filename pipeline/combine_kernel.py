@@ -64,7 +64,7 @@ MODEL, PERSISTENCE, DAMPED, TREND, SEASONAL, SEASONAL_CHANGE = 0, 1, 2, 3, 4, 5
 
 
 def _step(
-    slots: Ints, x: Floats, model: Floats, scale_before: Floats, scale: Floats,
+    slots: Ints, rows: Ints, x: Floats, model: Floats, scale_before: Floats, scale: Floats,
     ticks: Ints, history: Floats, rings: Floats, mix_weights: Floats, q: Floats,
     reps: Ints, offsets: Ints, codes: Ints, damped: Floats, group_of_step: Ints, widen: Floats,
     season: int, etas: Floats, floor: float, warm_up: int, huber: float, q_up: float,
@@ -75,7 +75,9 @@ def _step(
 ) -> None:  # fmt: skip
     """One tick for each of N rows; the arguments as in :meth:`Combiner.step`, its state arrays
     (updated in place), its constants, then the outputs (written; ``scored``/``covered`` (G,)
-    must start at zero)."""
+    must start at zero). Row i's forecast and bounds are written at row ``rows[i]`` of
+    ``combined``/``lower``/``upper`` (the caller's output arrays: no copy and no scatter after),
+    its weights and quantiles at row i of ``weights0``/``q_out``."""
     n_rows, horizon = model.shape
     length = history.shape[1]
     n_groups, n_members = mix_weights.shape[1], mix_weights.shape[2]
@@ -109,7 +111,7 @@ def _step(
         elif codes[j] == SEASONAL_CHANGE:
             i_change = j
     for i in range(n_rows):
-        slot, xi, sb = slots[i], x[i], scale_before[i]
+        slot, o, xi, sb = slots[i], rows[i], x[i], scale_before[i]
         n = ticks[slot]
         # Ring and history positions, with one division each: integer division in the inner
         # loops (~25 cycles each, dozens per row) cost more than the arithmetic.
@@ -195,7 +197,7 @@ def _step(
                         c_h = _seasonal_change(history, slot, n, base, step_back[h], h, length,
                                                xi, season)  # fmt: skip
                         out = out + (c_h - xi) * w_change
-                combined[i, h] = out
+                combined[o, h] = out
                 check += out - out
             first_h = group_end[g]
         if check != 0.0:  # NaN: member by member; a member that overflows counts as persistence
@@ -221,7 +223,7 @@ def _step(
                 for j in range(n_members):
                     member = every[j] if math.isfinite(every[j]) else xi
                     out += np.float64(w[g, j]) * member
-                combined[i, h] = out if math.isfinite(out) else xi
+                combined[o, h] = out if math.isfinite(out) else xi
         # -- bounds: q interpolated on log h, times scale * sqrt(h)
         for g in range(n_groups):
             q_out[i, g] = q[slot, g]
@@ -234,31 +236,31 @@ def _step(
                 halves[h] += u * widen[g, h]
         check = 0.0
         for h in range(horizon):
-            c_h, half = combined[i, h], halves[h]
+            c_h, half = combined[o, h], halves[h]
             lo, up = c_h - half, c_h + half
-            lower[i, h], upper[i, h] = lo, up
+            lower[o, h], upper[o, h] = lo, up
             check += (half - half) + (lo - lo) + (up - up)
         if check != 0.0:  # overflow: the widest finite bounds
             for h in range(horizon):
-                c_h, half = combined[i, h], halves[h]
+                c_h, half = combined[o, h], halves[h]
                 lo, up = c_h - half, c_h + half
                 if not (math.isfinite(half) and math.isfinite(lo) and math.isfinite(up)):
                     half = min(half, big) if not math.isnan(half) else big
                     lo = max(c_h - half, -big)
                     up = min(c_h + half, big)
-                lower[i, h], upper[i, h], halves[h] = lo, up, half
+                lower[o, h], upper[o, h], halves[h] = lo, up, half
         for g in range(n_groups):  # the ring keeps what was issued for step r_g
             r = reps[g]
             cell = cells[g]
             rings[slot, cell, 0] = model[i, r - 1]
-            rings[slot, cell, 1] = combined[i, r - 1]
+            rings[slot, cell, 1] = combined[o, r - 1]
             rings[slot, cell, 2] = halves[r - 1]
         ticks[slot] = n + 1
 
 
 def _step_parts(
     cuts: Ints,
-    slots: Ints, x: Floats, model: Floats, scale_before: Floats, scale: Floats,
+    slots: Ints, rows: Ints, x: Floats, model: Floats, scale_before: Floats, scale: Floats,
     ticks: Ints, history: Floats, rings: Floats, mix_weights: Floats, q: Floats,
     reps: Ints, offsets: Ints, codes: Ints, damped: Floats, group_of_step: Ints, widen: Floats,
     season: int, etas: Floats, floor: float, warm_up: int, huber: float, q_up: float,
@@ -273,11 +275,11 @@ def _step_parts(
     for p in _prange(len(cuts) - 1):
         a, b = cuts[p], cuts[p + 1]
         _step_rows(
-            slots[a:b], x[a:b], model[a:b], scale_before[a:b], scale[a:b],
+            slots[a:b], rows[a:b], x[a:b], model[a:b], scale_before[a:b], scale[a:b],
             ticks, history, rings, mix_weights, q,
             reps, offsets, codes, damped, group_of_step, widen,
             season, etas, floor, warm_up, huber, q_up, q_down, first_judged, max_score,
-            combined[a:b], lower[a:b], upper[a:b], weights0[a:b], q_out[a:b], scored[p], covered[p],
+            combined, lower, upper, weights0[a:b], q_out[a:b], scored[p], covered[p],
         )  # fmt: skip
 
 

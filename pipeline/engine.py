@@ -22,7 +22,7 @@ import numpy.typing as npt
 import torch
 
 from pipeline import gru_kernel
-from pipeline.combine import CombineConfig, Combined, Combiner
+from pipeline.combine import CombineConfig, Combined, Combiner, Placement
 from pipeline.messages import Tick
 from pipeline.model import LoadedModel
 from pipeline.normalize import ABS_FLOOR, F64, I64, REL_FLOOR, NormalizedRun, horizon_scale
@@ -135,13 +135,19 @@ class _Outputs:
                    z.copy(), np.zeros(len(combiner.members)), g, g.copy(),
                    np.zeros(len(combiner.reps)))  # fmt: skip
 
+    def placement(self, rows: I64) -> Placement | None:
+        """Where the combiner writes the forecasts and bounds of ``rows`` (None: no bounds)."""
+        return Placement(rows, self.forecast, self.lower, self.upper) if len(self.lower) else None
+
     def put(self, rows: I64, combined: Combined, model: F64) -> None:
-        """The combination's results for ``rows``."""
-        self.forecast[rows] = combined.forecast
+        """The combination's results for ``rows`` (forecasts and bounds unless already placed
+        there, :meth:`placement`)."""
+        if combined.rows is None:
+            self.forecast[rows] = combined.forecast
+            if len(self.lower):
+                self.lower[rows], self.upper[rows] = combined.lower, combined.upper
         if len(self.model_forecast):
             self.model_forecast[rows] = model
-        if len(self.lower):
-            self.lower[rows], self.upper[rows] = combined.lower, combined.upper
         self.weight_sum += combined.weights.sum(axis=0)
         self.interval_scored += combined.scored
         self.interval_covered += combined.covered
@@ -337,7 +343,9 @@ class Engine:
         t0 = time.perf_counter()
         scale_before = self._scale(slots)
         out.scored.append(self._score(slots, vals, scale_before))
-        (combined, model, warm), bad = self._wave(slots, vals, batch.ts[rows], scale_before)
+        (combined, model, warm), bad = self._wave(
+            slots, vals, batch.ts[rows], scale_before, out.placement(rows)
+        )
         out.model_seconds += time.perf_counter() - t0
         out.resets += bad
         out.put(rows, combined, model)
@@ -560,7 +568,7 @@ class Engine:
         return late
 
     def _wave(
-        self, slots: I64, values: F64, ts: F64, scale_before: F64
+        self, slots: I64, values: F64, ts: F64, scale_before: F64, into: Placement | None = None
     ) -> tuple[tuple[Combined, F64, npt.NDArray[np.bool_]], int]:
         store = self.store
         norm = store.normalizer.step(slots, values, ts, self.target)
@@ -586,10 +594,10 @@ class Engine:
             scale_before = np.where(np.isfinite(scale_before), scale_before, 0.0)
         if self.combining:
             target = values[:, self.target]
-            combined = store.combiner.step(slots, target, forecast, scale_before, scale)
+            combined = store.combiner.step(slots, target, forecast, scale_before, scale, into)
         else:
             combined = self._model_only(forecast)
-        store.prev_forecast[slots] = combined.forecast[:, 0]
+        store.prev_forecast[slots] = combined.step_one()
         return (combined, forecast, norm.warm), bad
 
 

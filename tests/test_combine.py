@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import combine_kernel
-from pipeline.combine import MEMBERS, SEASONS, WEIGHT_FLOOR, CombineConfig, Combiner
+from pipeline.combine import MEMBERS, SEASONS, WEIGHT_FLOOR, CombineConfig, Combiner, Placement
 from pipeline.engine import Engine
 from pipeline.messages import ForecastEncoder, Source, Tick
 from pipeline.model import load_model
@@ -367,6 +367,56 @@ def test_the_compiled_step_equals_the_numpy_reference(
         a, b = getattr(compiled, name), getattr(reference, name)
         span = float(np.abs(b).max())
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * span + 1e-300, err_msg=name)
+
+
+@pytest.mark.parametrize("path", ["compiled", "compiled in parts", "numpy"])
+def test_a_placed_step_writes_at_the_rows_what_a_fresh_step_returns(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a :class:`Placement` the step writes tick i's forecast and bounds at row
+    ``rows[i]`` of the caller's arrays, bit for bit what the step returns without one, and
+    touches no other row; weights, quantiles, counts and the state after are the same."""
+    import torch
+
+    import pipeline.combine as combine
+
+    threads = torch.get_num_threads()
+    if path == "compiled in parts":
+        if not combine_kernel.PARALLEL:
+            pytest.skip("numba has no thread-safe layer here: waves run whole")
+        torch.set_num_threads(2)
+        monkeypatch.setattr(combine, "ROWS_PER_PART", 16)
+    try:
+        rng = np.random.default_rng(11)
+        fresh, placed = (
+            Combiner(CombineConfig(season=4), 12, 64),
+            Combiner(CombineConfig(season=4), 12, 64),
+        )
+        fresh.compiled = placed.compiled = path != "numpy"
+        x = rng.normal(0, 1, 64)
+        for _ in range(40):
+            slots = rng.choice(64, size=int(rng.integers(1, 65)), replace=False)
+            x[slots] += rng.normal(0, 1, len(slots))
+            model = x[slots, None] + rng.normal(0, 1, (len(slots), 12))
+            sb = np.abs(x[slots]) * 0.1 + 0.5
+            sa = sb * rng.uniform(0.9, 1.1, len(slots))
+            rows = rng.permutation(100)[: len(slots)]  # scattered rows of a larger batch
+            into = Placement(rows, *(np.full((100, 12), -7.0) for _ in range(3)))
+            want = fresh.step(slots, x[slots], model, sb, sa)
+            got = placed.step(slots, x[slots], model, sb, sa, into)
+            np.testing.assert_array_equal(got.rows, rows)
+            np.testing.assert_array_equal(got.step_one(), want.step_one())
+            others = np.setdiff1d(np.arange(100), rows)
+            for name, array in (("forecast", into.forecast), ("lower", into.lower),
+                                ("upper", into.upper)):  # fmt: skip
+                np.testing.assert_array_equal(array[rows], getattr(want, name), name)
+                assert (array[others] == -7.0).all(), name
+            for name in ("weights", "q", "scored", "covered"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name), name)
+        for name in Combiner.FIELDS:
+            np.testing.assert_array_equal(getattr(placed, name), getattr(fresh, name), name)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(

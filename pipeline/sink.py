@@ -325,16 +325,40 @@ class ExactlyOnceSink(Sink):
                 "own kafka.instance_id)"
             ) from cause
         if abort:
-            try:
-                self.producer.abort_transaction()
-            except ClientError:
-                log.debug("event=abort_failed", exc_info=True)
+            self._abort_bounded()
         try:
             self._abandon()
         except BrokerError as exc:
             log.warning("event=producer_rebuild_failed error=%s", exc)
             self._needs_rebuild = True
         raise TransactionFailed(f"transaction aborted: {why}")
+
+    def _abort_bounded(self) -> None:
+        """Abort the open transaction within the transaction timeout. kafka-python's abort
+        waits without a limit, and after a broker restart the coordinator may never answer it
+        (the loop stopped there for good). Giving up loses nothing: the fresh producer that
+        :meth:`_abandon` starts with the same transactional id fences this one, and the broker
+        aborts what it left open."""
+        limit = self.kafka.transaction_timeout_ms / 1000
+        error: list[BaseException] = []
+        producer = self.producer
+
+        def abort() -> None:
+            try:
+                producer.abort_transaction()
+            except BaseException as exc:  # looked at below, in the caller's thread
+                error.append(exc)
+
+        if self._calls is None:
+            self._calls = _CallThread()
+        if not self._calls.run(abort, limit):
+            self._calls.stop()  # ends once the hung abort returns, if ever
+            self._calls = None
+            log.warning("event=abort_hung seconds=%.0f action=new_producer", limit)
+        elif error and isinstance(error[0], ClientError):
+            log.debug("event=abort_failed error=%s", error[0])
+        elif error:
+            raise error[0]
 
     def _abandon(self) -> None:
         """Drop a wedged transactional producer and start a fresh one with the same id."""

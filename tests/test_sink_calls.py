@@ -5,6 +5,7 @@ gets a fresh thread, and errors reach the caller as before."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -76,3 +77,55 @@ def test_errors_of_a_bounded_call_reach_the_caller() -> None:
     with pytest.raises(KeyError):
         sink._guard(bug, 5.0)
     sink._guard(lambda: None, 5.0)  # the thread survived both
+
+
+class _WedgedProducer:
+    """A producer whose abort never returns (kafka-python's after a broker restart)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.closed = False
+
+    def forget(self) -> None:
+        pass
+
+    def fenced(self) -> bool:
+        return False
+
+    def abort_transaction(self) -> None:
+        self.release.wait()
+
+    def close(self, timeout_s: float) -> None:
+        self.closed = True
+
+    def init_transactions(self) -> None:
+        pass
+
+
+def test_a_hung_abort_does_not_stop_the_failure_path() -> None:
+    """_fail aborts within the transaction timeout, then starts a fresh producer (which fences
+    the wedged one) and raises TransactionFailed: the loop goes on to rewind and retry."""
+    from pipeline.sink import TransactionFailed
+
+    wedged, fresh = _WedgedProducer(), _WedgedProducer()
+    sink = object.__new__(ExactlyOnceSink)
+    sink.kafka = SimpleNamespace(transaction_timeout_ms=200)  # type: ignore[assignment]
+    sink.transactional_id, sink.producer = "t", wedged  # type: ignore[assignment]
+    sink._calls, sink._needs_rebuild = None, False
+    sink._batch, sink._batch_state, sink._broken = [], [], None
+    sink._new_producer = lambda: fresh  # type: ignore[assignment,method-assign,return-value]
+    raised: list[BaseException] = []
+
+    def fail() -> None:
+        try:
+            sink._fail("broker said no")
+        except BaseException as exc:
+            raised.append(exc)
+
+    failing = threading.Thread(target=fail, daemon=True)
+    failing.start()
+    failing.join(5.0)  # 25 limits: it returns after one, or (unbounded) never
+    wedged.release.set()
+    assert len(raised) == 1 and isinstance(raised[0], TransactionFailed), raised
+    assert "broker said no" in str(raised[0])
+    assert wedged.closed and sink.producer is fresh and sink._calls is None

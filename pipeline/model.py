@@ -102,12 +102,24 @@ class Forecaster(nn.Module):
 
     @torch.no_grad()
     def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """One tick for B streams: x (B, I), state [(B, S_l)] → y (B, H), new state."""
+        """One tick for B streams: x (B, I), state [(B, S_l)] → y (B, H), new state.
+
+        A GRU stack runs the fused cell (:func:`pipeline.gru_kernel.gru_cell`: torch's two
+        products, then one compiled pass for the gates; ~1.1-1.4x ``torch.gru_cell``), equal to
+        it up to float32 rounding; other cells, or an install without numba, run torch's cells.
+        """
         out = x
         new_state: list[Tensor] = []
         for rnn, s in zip(self.rnns, state, strict=True):
             w_ih, w_hh, b_ih, b_hh = _weights(rnn)
-            if self.config.cell == "gru":
+            if self.config.cell == "gru" and gru_kernel.AVAILABLE:
+                gates_x = torch.addmm(b_ih, out, w_ih.t()).numpy()  # (B, 3S)
+                gates_h = torch.addmm(b_hh, s, w_hh.t()).numpy()
+                before = s.contiguous().numpy()
+                parts = torch.get_num_threads()
+                out = torch.from_numpy(gru_kernel.gru_cell(gates_x, gates_h, before, parts))
+                new_state.append(out)
+            elif self.config.cell == "gru":
                 out = torch.gru_cell(out, s, w_ih, w_hh, b_ih, b_hh)  # (B, S)
                 new_state.append(out)
             elif self.config.cell == "lstm":

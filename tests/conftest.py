@@ -25,6 +25,18 @@ settings.register_profile("explore", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For a module of small tensors (``pytestmark = pytest.mark.usefixtures(...)``): a second
+    intra-op thread only adds contention on a shared 2-core box."""
+    import torch  # not at the top: most modules here do not need torch loaded
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=["kafka-python", "confluent-kafka"])
 def kafka_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs the test once per Kafka client (``kafka.client``): settings the test loads and the

@@ -194,7 +194,7 @@ class _CallThread:
     """One long-lived daemon thread that runs the calls handed to it: a call bounded by a
     watchdog costs a queue round trip instead of a thread start (two per commit, ~10 commits a
     second). A call that overruns its limit keeps the thread busy; its owner drops it
-    (:meth:`ExactlyOnceSink._guard`) and makes a new one for the next call."""
+    (:meth:`ExactlyOnceSink._bounded`) and makes a new one for the next call."""
 
     def __init__(self) -> None:
         self._calls: queue.SimpleQueue[tuple[Callable[[], None], threading.Event] | None] = (
@@ -205,7 +205,7 @@ class _CallThread:
     def _loop(self) -> None:
         while (item := self._calls.get()) is not None:
             call, done = item
-            call()  # never raises: ExactlyOnceSink._guard's wrapper keeps the exception
+            call()  # never raises: ExactlyOnceSink._bounded's wrapper keeps the exception
             done.set()
 
     def run(self, call: Callable[[], None], timeout_s: float) -> bool:
@@ -284,29 +284,40 @@ class ExactlyOnceSink(Sink):
 
     def _guard(self, call: Callable[[], object], timeout_s: float | None = None) -> None:
         """Run a transactional call; fencing stops the daemon, anything else fails the batch."""
+        returned, exc = self._bounded(call, timeout_s)
+        if not returned:  # left behind on its thread with the discarded producer
+            self._fail(f"transactional call hung for {timeout_s:.0f}s", abort=False)
+        if exc is None:
+            return
+        if isinstance(exc, ClientError):
+            self._fail(str(exc), cause=exc)
+        raise exc
+
+    def _bounded(
+        self, call: Callable[[], object], timeout_s: float | None
+    ) -> tuple[bool, BaseException | None]:
+        """Run ``call`` on the call thread within ``timeout_s`` (None: here, unbounded).
+        Returns whether it returned in time and what it raised. A call that overruns keeps its
+        thread, which is dropped (it ends once the call returns, if ever); the next call gets
+        a new one."""
         error: list[BaseException] = []
 
         def run() -> None:
             try:
                 call()
-            except BaseException as exc:  # re-raised below in the caller's thread
+            except BaseException as exc:  # handed to the caller's thread
                 error.append(exc)
 
         if timeout_s is None:
             run()
-        else:  # a hung call is left behind on its thread with the discarded producer
+        else:
             if self._calls is None:
                 self._calls = _CallThread()
             if not self._calls.run(run, timeout_s):
-                self._calls.stop()  # ends once the hung call returns, if ever
+                self._calls.stop()
                 self._calls = None
-                self._fail(f"transactional call hung for {timeout_s:.0f}s", abort=False)
-        if not error:
-            return
-        exc = error[0]
-        if isinstance(exc, ClientError):
-            self._fail(str(exc), cause=exc)
-        raise exc
+                return False, None
+        return True, error[0] if error else None
 
     def _fail(self, why: str, abort: bool = True, cause: ClientError | None = None) -> None:
         """Abort (unless the producer hangs), then start over with a fresh producer:
@@ -340,25 +351,13 @@ class ExactlyOnceSink(Sink):
         :meth:`_abandon` starts with the same transactional id fences this one, and the broker
         aborts what it left open."""
         limit = self.kafka.transaction_timeout_ms / 1000
-        error: list[BaseException] = []
-        producer = self.producer
-
-        def abort() -> None:
-            try:
-                producer.abort_transaction()
-            except BaseException as exc:  # looked at below, in the caller's thread
-                error.append(exc)
-
-        if self._calls is None:
-            self._calls = _CallThread()
-        if not self._calls.run(abort, limit):
-            self._calls.stop()  # ends once the hung abort returns, if ever
-            self._calls = None
+        returned, exc = self._bounded(self.producer.abort_transaction, limit)
+        if not returned:
             log.warning("event=abort_hung seconds=%.0f action=new_producer", limit)
-        elif error and isinstance(error[0], ClientError):
-            log.debug("event=abort_failed error=%s", error[0])
-        elif error:
-            raise error[0]
+        elif isinstance(exc, ClientError):
+            log.debug("event=abort_failed error=%s", exc)
+        elif exc is not None:
+            raise exc
 
     def _abandon(self) -> None:
         """Drop a wedged transactional producer and start a fresh one with the same id."""

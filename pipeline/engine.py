@@ -177,7 +177,8 @@ class Engine:
         self._hscale = horizon_scale(self.horizon)  # (H,)
         self.combine = combine or CombineConfig()
         if self.model.config.cell == "gru":
-            gru_kernel.warm()  # hot streams run it; compile now, not in the first hot batch
+            # Compile now, not in the first batch (waves) or the first hot stream (sequences).
+            gru_kernel.warm(parallel=torch.get_num_threads() > 1)
         self.store = StateStore(
             loaded.model.state_sizes,
             loaded.meta.normalizer,

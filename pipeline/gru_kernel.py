@@ -186,16 +186,21 @@ def gru_layer(x: F32, h0: F32, w_ih: F32, w_hh: F32, b_ih: F32, b_hh: F32) -> F3
     return out
 
 
-def warm() -> None:
+def warm(parallel: bool = False) -> None:
     """Compile (or load from numba's cache) the loops now, so the first batch a daemon meets
-    does not wait for them (~2 s to compile, ~0.1 s from the cache). Idempotent."""
-    if numba is None or (recurrence.signatures and cell.signatures and cell_parts.signatures):
+    does not wait for them (~2 s to compile, ~0.1 s from the cache). Idempotent. ``parallel``:
+    also the parallel cell, only for a process whose torch has more than one thread: running
+    it starts numba's OpenMP threads, and in a one-thread process torch's own calls then spin
+    on them (decision 31)."""
+    if numba is None:
         return
     f32 = np.float32
     gates, size = 6, 2
-    gru_cell(np.zeros((1, gates), f32), np.zeros((1, gates), f32), np.zeros((1, size), f32))
-    if PARALLEL:
+    if parallel and PARALLEL and not cell_parts.signatures:
         one_row = [np.zeros((1, n), f32) for n in (gates, gates, size, size)]
         cell_parts(np.array([0, 1], dtype=np.int64), *one_row)
+    if recurrence.signatures and cell.signatures:
+        return
+    gru_cell(np.zeros((1, gates), f32), np.zeros((1, gates), f32), np.zeros((1, size), f32))
     gru_layer(np.zeros((1, 1), f32), np.zeros(size, f32), np.zeros((gates, 1), f32),
               np.zeros((gates, size), f32), np.zeros(gates, f32), np.zeros(gates, f32))  # fmt: skip

@@ -8,6 +8,9 @@ inf and NaN, and that the parallel parts change nothing.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +147,32 @@ def test_model_step_runs_the_fused_cell_and_matches_torch_cells(
         for a, b in zip(fused_state, torch_state, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert len(calls) == 30 * 2  # two layers per step
+
+
+def test_a_one_thread_engine_starts_no_worker_threads() -> None:
+    """The daemon runs torch on one thread; the engine's waves, large ones included, must not
+    start numba's OpenMP threads there (torch's calls then spin on them, decision 31). In a
+    fresh interpreter: the process's thread count after a 5,000-stream wave is what it was
+    before the engine existed, while two torch threads do start the parallel cell."""
+    code = (
+        "import os, sys, torch\n"
+        "from pipeline.engine import Engine\n"
+        "from pipeline.messages import Source, Tick\n"
+        "from pipeline.model import load_model\n"
+        "from pipeline import gru_kernel\n"
+        "torch.set_num_threads(int(sys.argv[1]))\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "engine = Engine(load_model(), capacity=8192)\n"
+        "for k in range(2):\n"
+        "    engine.process([Tick(f's{i}', 1e9 + k, (1.0 + i + k,), Source('t', 0, i))\n"
+        "                    for i in range(5000)])\n"
+        "threads = len(os.listdir('/proc/self/task')) - before\n"
+        "print(threads, bool(gru_kernel.cell_parts.signatures))\n"
+    )
+    one = subprocess.run([sys.executable, "-c", code, "1"], check=True, timeout=120,
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.stdout.split() == ["0", "False"], one.stdout + one.stderr
+    if gru_kernel.PARALLEL:
+        two = subprocess.run([sys.executable, "-c", code, "2"], check=True, timeout=120,
+                             capture_output=True, text=True)  # fmt: skip
+        assert two.stdout.split()[1] == "True", two.stdout + two.stderr

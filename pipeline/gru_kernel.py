@@ -50,7 +50,8 @@ I64 = npt.NDArray[np.int64]
 
 # Reordering and fusing the sums only (no finite-math flags: inf and NaN must propagate). Division
 # by zero gives inf as in numpy (error_model="numpy"): python's model checks every division for
-# zero and raises, a branch per division that kept the loops from vectorizing (~7x on the cell).
+# zero and raises, a branch per division that kept the loops from vectorizing (the gates: ~6 ns
+# a unit with it, ~2.7 without; a loop of reciprocals alone: 1.26 against 0.17 ns an element).
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 

@@ -110,13 +110,13 @@ class Forecaster(nn.Module):
         """
         out = x
         new_state: list[Tensor] = []
+        parts = torch.get_num_threads()  # the fused cell's parallel parts, as torch's threads
         for rnn, s in zip(self.rnns, state, strict=True):
             w_ih, w_hh, b_ih, b_hh = _weights(rnn)
             if self.config.cell == "gru" and gru_kernel.AVAILABLE:
                 gates_x = torch.addmm(b_ih, out, w_ih.t()).numpy()  # (B, 3S)
                 gates_h = torch.addmm(b_hh, s, w_hh.t()).numpy()
                 before = s.contiguous().numpy()
-                parts = torch.get_num_threads()
                 out = torch.from_numpy(gru_kernel.gru_cell(gates_x, gates_h, before, parts))
                 new_state.append(out)
             elif self.config.cell == "gru":

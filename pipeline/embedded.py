@@ -58,11 +58,16 @@ class EmbeddedBroker:
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen[str] | None = None
-        self._output: deque[str] = deque(maxlen=200)
+        self._output: deque[str] = deque(maxlen=5000)
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> list[str]:
+        """The broker's latest output lines (its banner and warnings), oldest first."""
+        return list(self._output)
 
     @property
     def running(self) -> bool:
@@ -77,6 +82,8 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, not the broker first
+            # Its warnings are what tests read to recognise a broker bug (tests/kafka_helpers.py).
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
         ready = threading.Event()
         threading.Thread(target=self._drain, args=(ready,), daemon=True).start()

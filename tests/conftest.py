@@ -47,13 +47,20 @@ def kafka_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.fixture(scope="session")
-def bootstrap() -> Iterator[str]:
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
+def embedded_broker() -> Iterator[EmbeddedBroker | None]:
+    """The session's Tansu broker, or None when ``KAFKA_BOOTSTRAP_SERVERS`` names a cluster."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield None
         return
     with EmbeddedBroker() as broker:
-        yield broker.bootstrap_servers
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def bootstrap(embedded_broker: EmbeddedBroker | None) -> str:
+    if embedded_broker is None:
+        return os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    return embedded_broker.bootstrap_servers
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def read_topic(
     timeout_s: float = 60.0,
     idle_s: float = 0.0,
     until: Callable[[Record], bool] | None = None,
+    isolation_level: str = "read_committed",
 ) -> list[Record]:
     """Read ``topic`` from the beginning until ``count`` records arrived (or the timeout).
 
@@ -84,7 +86,7 @@ def read_topic(
         group_id=unique("reader"),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        isolation_level="read_committed",
+        isolation_level=isolation_level,
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
     )
@@ -106,6 +108,26 @@ def read_topic(
     finally:
         consumer.close()
     return out
+
+
+# Tansu 0.6.0's EndTxn, after a transaction's markers, settles every overlapping transaction that
+# is prepared. When a second producer's EndTxn settles this one while it is still writing its
+# markers, the markers written after that add offset ranges to a finished transaction that nothing
+# clears, and the broker warns with this line (tansu-storage dynostore txn_end, `otherwise =>`).
+# For a producer that goes on, its next transaction reuses the epoch and clears them; for one that
+# was killed and fenced, they stay, every later transaction on those partitions overlaps them and
+# is never settled, and read_committed readers stop there for good. docs/decisions.md 39.
+_TANSU_LEFT_RANGES = re.compile(
+    r'transaction="(?P<id>[^"]+)" producer=\d+ epoch=\d+ '
+    r"otherwise=Some\((Committed|Aborted)\)"
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def tansu_left_ranges(broker_output: Iterable[str]) -> set[str]:
+    """Transactional ids whose finished transaction Tansu left holding offset ranges (above)."""
+    found = (_TANSU_LEFT_RANGES.search(_ANSI.sub("", line)) for line in broker_output)
+    return {m.group("id") for m in found if m}
 
 
 class DaemonProcess:

@@ -9,13 +9,22 @@ import re
 import signal
 import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 
 import pytest
 from kafka import KafkaProducer
 
-from tests.kafka_helpers import DaemonProcess, Record, create_topics, read_topic, unique
+from pipeline.embedded import EmbeddedBroker
+from tests.kafka_helpers import (
+    DaemonProcess,
+    Record,
+    create_topics,
+    read_topic,
+    tansu_left_ranges,
+    unique,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
 
@@ -86,6 +95,8 @@ def _run(
     start_daemon: Callable[..., DaemonProcess],
     chaos: Callable,
     env: dict[str, str] | None = None,
+    broker: EmbeddedBroker | None = None,
+    fenced: Callable[[], set[str]] = set,
 ) -> None:
     inp, out_a, out_ref = unique("ticks"), unique("fc"), unique("ref")
     create_topics(bootstrap, [inp], 6)
@@ -104,6 +115,8 @@ def _run(
     # Repeats may exist (replayed batches): one reader reads on until every (stream, seq) is
     # there. (Fresh readers that stopped at a count could end mid-partition, and did in CI.)
     got = _by_key(read_topic(bootstrap, out_a, 0, timeout_s=180, until=_all_keys()))
+    if len(got) < STREAMS * TICKS and broker is not None:
+        got = _read_past_tansu_stall(bootstrap, out_a, broker, fenced(), got)
     _check_against_reference(got, ref)
     for proc in [*survivors, reference]:
         assert proc.proc.poll() is None, proc.log()[-2000:]
@@ -134,7 +147,9 @@ def test_sigkill_five_times_then_same_forecasts(
 
 
 def test_three_instances_join_then_one_dies(
-    bootstrap: str, start_daemon: Callable[..., DaemonProcess]
+    bootstrap: str,
+    start_daemon: Callable[..., DaemonProcess],
+    embedded_broker: EmbeddedBroker | None,
 ) -> None:
     members: list[DaemonProcess] = []
 
@@ -147,7 +162,10 @@ def test_three_instances_join_then_one_dies(
         _expire_open_transaction(bootstrap, members[1])
         return [members[0], members[2]]
 
-    _run(bootstrap, start_daemon, chaos)
+    def fenced() -> set[str]:
+        return {_transactional_id(members[1])}
+
+    _run(bootstrap, start_daemon, chaos, broker=embedded_broker, fenced=fenced)
     # Every member did work, and the partitions moved with their state.
     for member in members:
         assigned = [ln for ln in member.log().splitlines() if "event=partitions_assigned" in ln]
@@ -164,11 +182,37 @@ def _expire_open_transaction(bootstrap: str, killed: DaemonProcess) -> None:
     depending on where the kill landed. Fencing the member's transactional id is what the
     timeout does, without the wait, and makes the test independent of the kill's timing.
     """
-    found = re.search(r"event=exactly_once transactional_id=(\S+)", killed.log())
-    assert found, killed.log()[-2000:]
-    usurper = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=found.group(1))
+    usurper = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=_transactional_id(killed))
     usurper.init_transactions()
     usurper.close()
+
+
+def _transactional_id(daemon: DaemonProcess) -> str:
+    found = re.search(r"event=exactly_once transactional_id=(\S+)", daemon.log())
+    assert found, daemon.log()[-2000:]
+    return found.group(1)
+
+
+def _read_past_tansu_stall(
+    bootstrap: str, topic: str, broker: EmbeddedBroker, fenced: set[str], got: dict
+) -> dict:
+    """The read_committed read-back stopped short on Tansu: if the broker left the fenced
+    member's last transaction holding offset ranges (its warning, tests/kafka_helpers.py), every
+    later transaction on those partitions stays unsettled and read_committed readers stop for
+    good. Apache Kafka has no such state. On Tansu read_committed also shows aborted records
+    (broker.md), so read_uncommitted checks the same forecasts here: read them that way, and say
+    so. Any other short read fails as before."""
+    stuck = tansu_left_ranges(broker.output) & fenced
+    missing = STREAMS * TICKS - len(got)
+    assert stuck, f"read_committed read-back is {missing} (stream, seq) short; no Tansu stall seen"
+    warnings.warn(
+        f"Tansu left fenced transaction(s) {sorted(stuck)} holding offset ranges: read_committed "
+        f"stopped {missing} forecasts short; checked with read_uncommitted (broker bug)",
+        stacklevel=2,
+    )
+    records = read_topic(bootstrap, topic, 0, timeout_s=180, until=_all_keys(),
+                         isolation_level="read_uncommitted")  # fmt: skip
+    return _by_key(records)
 
 
 def _restored_streams(daemon: DaemonProcess) -> int:
@@ -177,3 +221,16 @@ def _restored_streams(daemon: DaemonProcess) -> int:
         if "event=state_restored" in line:
             total += int(line.split("streams=")[1].split()[0])
     return total
+
+
+def test_tansu_stall_signature_is_recognised() -> None:
+    """The warning Tansu 0.6.0 printed (colours and all) in a run of the test above."""
+    line = (
+        "\x1b[2m2026-12-07T17:31:31.591453Z\x1b[0m \x1b[33m WARN\x1b[0m "
+        "\x1b[2mtansu_storage::dynostore\x1b[0m\x1b[2m:\x1b[0m \x1b[2m2601:\x1b[0m "
+        '\x1b[3mtransaction\x1b[0m\x1b[2m=\x1b[0m"g-c97859e0-r1" \x1b[3mproducer\x1b[0m'
+        "\x1b[2m=\x1b[0m2 \x1b[3mepoch\x1b[0m\x1b[2m=\x1b[0m0 \x1b[3motherwise\x1b[0m"
+        "\x1b[2m=\x1b[0mSome(Committed)"
+    )
+    assert tansu_left_ranges(["ready in 4ms", line]) == {"g-c97859e0-r1"}
+    assert tansu_left_ranges([line.replace("Some(Committed)", "Some(Begin)")]) == set()

@@ -11,7 +11,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 from kafka import KafkaProducer
@@ -96,7 +96,7 @@ def _run(
     chaos: Callable,
     env: dict[str, str] | None = None,
     broker: EmbeddedBroker | None = None,
-    fenced: Callable[[], set[str]] = set,
+    fenced: Sequence[DaemonProcess] = (),
 ) -> None:
     inp, out_a, out_ref = unique("ticks"), unique("fc"), unique("ref")
     create_topics(bootstrap, [inp], 6)
@@ -116,7 +116,9 @@ def _run(
     # there. (Fresh readers that stopped at a count could end mid-partition, and did in CI.)
     got = _by_key(read_topic(bootstrap, out_a, 0, timeout_s=180, until=_all_keys()))
     if len(got) < STREAMS * TICKS and broker is not None:
-        got = _read_past_tansu_stall(bootstrap, out_a, broker, fenced(), got)
+        fenced_ids = {_transactional_id(d) for d in fenced}
+        missing = STREAMS * TICKS - len(got)
+        got = _read_past_tansu_stall(bootstrap, out_a, broker, fenced_ids, missing)
     _check_against_reference(got, ref)
     for proc in [*survivors, reference]:
         assert proc.proc.poll() is None, proc.log()[-2000:]
@@ -152,6 +154,7 @@ def test_three_instances_join_then_one_dies(
     embedded_broker: EmbeddedBroker | None,
 ) -> None:
     members: list[DaemonProcess] = []
+    killed: list[DaemonProcess] = []  # the member killed and fenced
 
     def chaos(start: Callable[[str], DaemonProcess], done: threading.Event) -> list[DaemonProcess]:
         for name in ("r1", "r2", "r3"):
@@ -160,12 +163,10 @@ def test_three_instances_join_then_one_dies(
             time.sleep(4)
         members[1].stop(signal.SIGKILL)
         _expire_open_transaction(bootstrap, members[1])
+        killed.append(members[1])
         return [members[0], members[2]]
 
-    def fenced() -> set[str]:
-        return {_transactional_id(members[1])}
-
-    _run(bootstrap, start_daemon, chaos, broker=embedded_broker, fenced=fenced)
+    _run(bootstrap, start_daemon, chaos, broker=embedded_broker, fenced=killed)
     # Every member did work, and the partitions moved with their state.
     for member in members:
         assigned = [ln for ln in member.log().splitlines() if "event=partitions_assigned" in ln]
@@ -194,7 +195,7 @@ def _transactional_id(daemon: DaemonProcess) -> str:
 
 
 def _read_past_tansu_stall(
-    bootstrap: str, topic: str, broker: EmbeddedBroker, fenced: set[str], got: dict
+    bootstrap: str, topic: str, broker: EmbeddedBroker, fenced: set[str], missing: int
 ) -> dict:
     """The read_committed read-back stopped short on Tansu: if the broker left the fenced
     member's last transaction holding offset ranges (its warning, tests/kafka_helpers.py), every
@@ -203,7 +204,6 @@ def _read_past_tansu_stall(
     (broker.md), so read_uncommitted checks the same forecasts here: read them that way, and say
     so. Any other short read fails as before."""
     stuck = tansu_left_ranges(broker.output) & fenced
-    missing = STREAMS * TICKS - len(got)
     assert stuck, f"read_committed read-back is {missing} (stream, seq) short; no Tansu stall seen"
     warnings.warn(
         f"Tansu left fenced transaction(s) {sorted(stuck)} holding offset ranges: read_committed "

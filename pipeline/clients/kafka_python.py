@@ -3,7 +3,9 @@
 Measured quirks this adapter absorbs (../shared/notes/broker.md): ``highwater()`` instead of
 ``end_offsets()`` (wrong on Tansu); a transactional producer reports fencing on a send's future
 or as its transaction manager's last error; ``send()`` raises ValueError for a partition its
-metadata does not know yet (a changelog recreated after a broker restart).
+metadata does not know yet (a changelog recreated after a broker restart). A library bug it
+patches: a group join that finishes between two polls was thrown away
+(:mod:`pipeline.clients.kafka_python_join`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.clients import ClientError, OutRecord, PartitionsCallback, ReadRecord, StateRecord
+from pipeline.clients.kafka_python_join import keep_finished_joins
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
 from pipeline.kafka_admin import client_options
 from pipeline.ticks import RawRecord
 
 log = logging.getLogger(__name__)
+keep_finished_joins()  # a join finished between two polls would otherwise be thrown away
 
 # What producer.send() raises for a record it cannot queue (see the module docstring).
 SEND_ERRORS = (KafkaError, ValueError)

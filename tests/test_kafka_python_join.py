@@ -66,7 +66,17 @@ def test_a_join_finished_between_polls_is_taken_by_the_next_poll(
     assert len(first.assignment()) == 2
 
     second = member()
-    second.poll(timeout_ms=50)  # sends its JoinGroup; the broker holds it for the round
+    # Poll until its JoinGroup with a member id is in flight: the first one only gets the id
+    # (MEMBER_ID_REQUIRED, KIP-394) and is retried by a poll. The broker holds that join for
+    # the round, which cannot end before the first member rejoins.
+    coordinator = second._coordinator
+
+    def joining_with_an_id() -> bool:
+        second.poll(timeout_ms=20)
+        task = coordinator._join_task
+        return bool(coordinator._generation.member_id) and task is not None and not task.is_done
+
+    _wait(joining_with_an_id, "the second member's join with a member id never went out")
     # Only the first member polls: it learns of the rebalance, rejoins and gets its share.
     _wait(lambda: bool(first.poll(timeout_ms=100) or len(first.assignment()) == 1),
           "the first member never got its new share")  # fmt: skip

@@ -32,12 +32,13 @@ def _wait(done: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
 
 
 @pytest.fixture
-def members(bootstrap: str) -> Iterator[tuple[str, Callable[[], KafkaConsumer]]]:
+def member(bootstrap: str) -> Iterator[Callable[[], KafkaConsumer]]:
+    """Makes members of one new group on a new two-partition topic."""
     topic, group = unique("join"), unique("g")
     create_topics(bootstrap, [topic], 2)
     made: list[KafkaConsumer] = []
 
-    def member() -> KafkaConsumer:
+    def make() -> KafkaConsumer:
         consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
             session_timeout_ms=2000, heartbeat_interval_ms=500,
@@ -46,7 +47,7 @@ def members(bootstrap: str) -> Iterator[tuple[str, Callable[[], KafkaConsumer]]]
         made.append(consumer)
         return consumer
 
-    yield topic, member
+    yield make
     for consumer in made:
         consumer.close(autocommit=False)
 
@@ -58,9 +59,8 @@ def test_the_patch_is_active_for_the_pinned_version() -> None:
 
 
 def test_a_join_finished_between_polls_is_taken_by_the_next_poll(
-    members: tuple[str, Callable[[], KafkaConsumer]],
+    member: Callable[[], KafkaConsumer],
 ) -> None:
-    _, member = members
     first = member()
     _wait(lambda: bool(first.poll(timeout_ms=100) or first.assignment()), "first member alone")
     assert len(first.assignment()) == 2
@@ -81,7 +81,7 @@ def test_a_join_finished_between_polls_is_taken_by_the_next_poll(
     _wait(lambda: bool(first.poll(timeout_ms=100) or len(first.assignment()) == 1),
           "the first member never got its new share")  # fmt: skip
     generation = first._coordinator._generation.generation_id
-    join = second._coordinator._join_task
+    join = coordinator._join_task
     assert join is not None, "the second member has no join in flight"
     _wait(lambda: join.is_done, "the second member's join never finished on its IO thread")
     assert join.succeeded(), join.exception
@@ -89,7 +89,7 @@ def test_a_join_finished_between_polls_is_taken_by_the_next_poll(
     second.poll(timeout_ms=100)  # the first poll since its join finished
 
     assert len(second.assignment()) == 1, "the finished join was thrown away"
-    assert second._coordinator._join_task is None
+    assert coordinator._join_task is None
     assert first.assignment().isdisjoint(second.assignment())
     first.poll(timeout_ms=1500)  # heartbeats for longer than a join round: no new rebalance
     assert len(first.assignment()) == 1

@@ -46,8 +46,8 @@ def keep_finished_joins() -> bool:
 
     @functools.wraps(original)  # the original stays reachable as __wrapped__
     async def join_group_async(self: Any, timeout_ms: float | None = None) -> bool:
-        if _finished_join(self) is not None:
-            return await _complete_finished_join(self)
+        if (task := _finished_join(self)) is not None:
+            return await _complete_finished_join(self, task)
         return bool(await original(self, timeout_ms))
 
     setattr(join_group_async, _MARK, True)
@@ -67,9 +67,8 @@ def _finished_join(coordinator: Any) -> Any:
     return task
 
 
-async def _complete_finished_join(coordinator: Any) -> bool:
-    """What ``join_group_async`` does after its wait returns the assignment bytes."""
-    task = coordinator._join_task
+async def _complete_finished_join(coordinator: Any, task: Any) -> bool:
+    """What ``join_group_async`` does after its wait returns ``task``'s assignment bytes."""
     coordinator._join_task = None
     with coordinator._lock:
         coordinator.rejoining = False

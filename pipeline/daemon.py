@@ -391,7 +391,7 @@ class Daemon:
         """Commit the open transaction (its offsets may belong to another member from the next
         generation on), then drop the revoked partitions' streams."""
         topic = self.settings.kafka.input_topic
-        if self.unit.source is not None and self.unit.is_open:
+        if self.unit.source is not None and self.unit.uncommitted:
             log.info("event=commit_on_revoke batches=%d", self.unit.open_batches)
             try:
                 self.unit.commit(in_rebalance=True)

@@ -9,10 +9,11 @@ class, so each path reads straight through:
   asked to stop; the daemon then commits the input offsets itself. A resent batch can duplicate
   records that did get through; they carry the same ``seq`` and readers drop them.
 - :class:`ExactlyOnceSink` (a transactional id): :meth:`~ExactlyOnceSink.begin` opens a
-  transaction, :meth:`~ExactlyOnceSink.commit` adds the consumer offsets to it and commits. Any
-  failure aborts (or abandons a hung commit) and raises :class:`TransactionFailed`: the caller
-  must rewind to the committed offsets and restore state. A fenced producer raises
-  :class:`FencedError`.
+  transaction, :meth:`~ExactlyOnceSink.commit` adds the consumer offsets to it and commits
+  (or :meth:`~ExactlyOnceSink.start_commit` does so on a call thread while the caller polls the
+  next records, and :meth:`~ExactlyOnceSink.finish_commit` joins it). Any failure aborts (or
+  abandons a hung commit) and raises :class:`TransactionFailed`: the caller must rewind to the
+  committed offsets and restore state. A fenced producer raises :class:`FencedError`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from pipeline import clients, metrics
@@ -190,29 +192,42 @@ class AtLeastOnceSink(Sink):
         self.send_state(state)
 
 
+class _Call:
+    """A call run once (on the call thread or inline) that keeps what it raised in
+    :attr:`error` for its owner to re-raise in its own thread; :attr:`done` is set after."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.call = call
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def __call__(self) -> None:
+        try:
+            self.call()
+        except BaseException as exc:  # re-raised by ExactlyOnceSink._settle
+            self.error = exc
+        finally:
+            self.done.set()
+
+
 class _CallThread:
     """One long-lived daemon thread that runs the calls handed to it: a call bounded by a
-    watchdog costs a queue round trip instead of a thread start (two per commit, ~10 commits a
-    second). A call that overruns its limit keeps the thread busy; its owner drops it
-    (:meth:`ExactlyOnceSink._bounded`) and makes a new one for the next call."""
+    watchdog costs a queue round trip instead of a thread start (~10 commits a second), and a
+    commit can run while the main thread polls the next records. A call that overruns its
+    limit keeps the thread busy; its owner drops it (:meth:`ExactlyOnceSink._drop_calls`) and makes
+    a new one for the next call."""
 
     def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[tuple[Callable[[], None], threading.Event] | None] = (
-            queue.SimpleQueue()
-        )
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         threading.Thread(target=self._loop, name="txn-call", daemon=True).start()
 
     def _loop(self) -> None:
-        while (item := self._calls.get()) is not None:
-            call, done = item
-            call()  # never raises: ExactlyOnceSink._bounded's wrapper keeps the exception
-            done.set()
+        while (call := self._calls.get()) is not None:
+            call()  # never raises: _Call keeps the exception
 
-    def run(self, call: Callable[[], None], timeout_s: float) -> bool:
-        """Run ``call`` on the thread; False if it has not returned after ``timeout_s``."""
-        done = threading.Event()
-        self._calls.put((call, done))
-        return done.wait(timeout_s)
+    def submit(self, call: _Call) -> None:
+        """Queue ``call``; its ``done`` event says when it has run."""
+        self._calls.put(call)
 
     def stop(self) -> None:
         """Let the thread end once it is idle (a hung call keeps it until that returns)."""
@@ -234,6 +249,8 @@ class ExactlyOnceSink(Sink):
         self.transactional_id = transactional_id
         self._needs_rebuild = False  # a failed transaction left no usable producer
         self._calls: _CallThread | None = None  # runs the watchdog-bounded calls
+        # The commit in flight: its call, deadline (monotonic s), limit (s) and commit time.
+        self._commit: tuple[_Call, float, float, list[float]] | None = None
         super().__init__(kafka, stop, changelog_topic=changelog_topic)
         try:
             self._init_transactions()
@@ -272,52 +289,86 @@ class ExactlyOnceSink(Sink):
 
     def commit(self, offsets: dict[str, dict[int, int]], group_metadata: object) -> None:
         """Add ``{topic: {partition: next offset}}`` to the transaction and commit it."""
+        self.start_commit(offsets, group_metadata)
+        self.finish_commit()
+
+    def start_commit(self, offsets: dict[str, dict[int, int]], group_metadata: object) -> None:
+        """Start committing the transaction with ``offsets`` on the call thread and return at
+        once; :meth:`finish_commit` joins it. Nothing may be sent in between (the producer
+        belongs to the commit until it is joined). Raises TransactionFailed at once if a send
+        of the transaction already failed."""
+        assert self._commit is None, "a commit is already in flight"
         if self._broken is not None:
             self._fail(self._broken)
-        # Both calls can hang for minutes after a broker restart (Tansu): a watchdog bounds them.
+        # Both calls can hang for minutes after a broker restart (Tansu): a watchdog bounds
+        # them, each to the transaction timeout.
         limit = self.kafka.transaction_timeout_ms / 1000
         producer = self.producer
-        self._guard(lambda: producer.send_offsets_to_transaction(offsets, group_metadata), limit)
-        self._guard(producer.commit_transaction, limit)
-        producer.forget()
+        finished: list[float] = []
+
+        def both() -> None:
+            producer.send_offsets_to_transaction(offsets, group_metadata)
+            producer.commit_transaction()
+            finished.append(time.time())
+
+        self._commit = (self._launch(both), time.monotonic() + 2 * limit, 2 * limit, finished)
+
+    @property
+    def committing(self) -> bool:
+        """Whether a commit started by :meth:`start_commit` has not been joined yet."""
+        return self._commit is not None
+
+    def finish_commit(self, block: bool = True) -> float | None:
+        """Join the commit in flight: the wall-clock time (s) at which it committed, or None if
+        ``block`` is False and it is still running. Raises TransactionFailed (or FencedError)
+        if it failed or overran its limit, exactly as a synchronous commit would."""
+        assert self._commit is not None, "no commit in flight"
+        call, deadline, limit, finished = self._commit
+        if not block and not call.done.is_set() and time.monotonic() < deadline:
+            return None
+        self._commit = None
+        self._settle(call, max(deadline - time.monotonic(), 0.0), limit)
+        self.producer.forget()
         self._batch, self._batch_state = [], []
+        return finished[0]
 
     def _guard(self, call: Callable[[], object], timeout_s: float | None = None) -> None:
         """Run a transactional call; fencing stops the daemon, anything else fails the batch."""
-        returned, exc = self._bounded(call, timeout_s)
-        if not returned:  # left behind on its thread with the discarded producer
-            self._fail(f"transactional call hung for {timeout_s:.0f}s", abort=False)
+        if timeout_s is None:
+            started = _Call(call)
+            started()
+        else:
+            started = self._launch(call)
+        self._settle(started, timeout_s, timeout_s)
+
+    def _launch(self, call: Callable[[], object]) -> _Call:
+        """Start ``call`` on the call thread (a hung call is left behind on its thread with the
+        discarded producer)."""
+        if self._calls is None:
+            self._calls = _CallThread()
+        started = _Call(call)
+        self._calls.submit(started)
+        return started
+
+    def _settle(self, call: _Call, wait_s: float | None, limit_s: float | None) -> None:
+        """Wait up to ``wait_s`` for ``call`` (None: it ran inline), then raise what it raised
+        the way :meth:`_fail` says."""
+        if wait_s is not None and not call.done.wait(wait_s):
+            self._drop_calls()
+            self._fail(f"transactional call hung for {limit_s or 0:.0f}s", abort=False)
+        exc = call.error
         if exc is None:
             return
         if isinstance(exc, ClientError):
             self._fail(str(exc), cause=exc)
         raise exc
 
-    def _bounded(
-        self, call: Callable[[], object], timeout_s: float | None
-    ) -> tuple[bool, BaseException | None]:
-        """Run ``call`` on the call thread within ``timeout_s`` (None: here, unbounded).
-        Returns whether it returned in time and what it raised. A call that overruns keeps its
-        thread, which is dropped (it ends once the call returns, if ever); the next call gets
-        a new one."""
-        error: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                call()
-            except BaseException as exc:  # handed to the caller's thread
-                error.append(exc)
-
-        if timeout_s is None:
-            run()
-        else:
-            if self._calls is None:
-                self._calls = _CallThread()
-            if not self._calls.run(run, timeout_s):
-                self._calls.stop()
-                self._calls = None
-                return False, None
-        return True, error[0] if error else None
+    def _drop_calls(self) -> None:
+        """Give up the call thread, which a call overran: it ends once that call returns, if
+        ever; the next call gets a new one."""
+        if self._calls is not None:
+            self._calls.stop()
+            self._calls = None
 
     def _fail(self, why: str, abort: bool = True, cause: ClientError | None = None) -> None:
         """Abort (unless the producer hangs), then start over with a fresh producer:
@@ -351,13 +402,14 @@ class ExactlyOnceSink(Sink):
         :meth:`_abandon` starts with the same transactional id fences this one, and the broker
         aborts what it left open."""
         limit = self.kafka.transaction_timeout_ms / 1000
-        returned, exc = self._bounded(self.producer.abort_transaction, limit)
-        if not returned:
+        abort = self._launch(self.producer.abort_transaction)
+        if not abort.done.wait(limit):
+            self._drop_calls()
             log.warning("event=abort_hung seconds=%.0f action=new_producer", limit)
-        elif isinstance(exc, ClientError):
-            log.debug("event=abort_failed error=%s", exc)
-        elif exc is not None:
-            raise exc
+        elif isinstance(abort.error, ClientError):
+            log.debug("event=abort_failed error=%s", abort.error)
+        elif abort.error is not None:
+            raise abort.error
 
     def _abandon(self) -> None:
         """Drop a wedged transactional producer and start a fresh one with the same id."""

@@ -21,6 +21,11 @@ fixed cost (at 1k ticks/s a poll holds a few dozen records). A full poll (a back
 processed at once: gathering several of them measured slower (decisions.md 28). While caught
 up, small polls wait for the commit, which the caught-up bound keeps small (decisions.md 35).
 
+Under exactly-once a cadence commit runs on the sink's call thread: the daemon polls and
+decodes the next records meanwhile, and the commit is joined before they (or anything else) go
+through the engine (decisions.md 37). A commit takes tens of milliseconds on Tansu, a fifth of
+the wall time of a drain when it blocked the loop.
+
 The daemon must call :meth:`Transaction.commit` before anything changes the store outside the
 engine (rebalance, restore, model reload, shutdown): the undo log would not know those changes,
 and offsets of a revoked partition must not be committed by its former owner.
@@ -65,6 +70,9 @@ Trigger = Literal["interval", "records", "caught_up", "forced"]
 # into a few engine batches per commit, short enough that the commit does not wait for much to
 # be processed and delivered (what is processed early is sent while the transaction is open).
 GATHER_S = 0.02
+# The poll timeout while a commit is in flight: the commit (tens of ms) is joined at the next
+# poll that brings records, or at the first poll to return after it finished.
+IN_FLIGHT_POLL_MS = 10
 
 
 @dataclass
@@ -100,6 +108,17 @@ class _Pending:
     last: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass
+class _InFlight:
+    """A committing transaction (exactly-once, cadence commits): the sink commits it on its
+    call thread while the daemon polls and decodes the next records."""
+
+    pending: _Pending
+    starts: dict[int, int]  # partition -> first offset, to rewind to if the commit fails
+    trigger: Trigger
+    started: float  # perf_counter() when the commit began
+
+
 class Transaction:
     """Micro-batches in, committed outputs + state + offsets out (see the module docstring).
 
@@ -131,6 +150,7 @@ class Transaction:
         self.max_poll_records = kafka.max_poll_records
         # Consecutive failed transactions: 0.1 s, doubling, at most 15 s before the next one.
         self.backoff = Backoff(stop, first_s=0.1, max_s=MAX_BACKOFF_S)
+        self._in_flight: _InFlight | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -148,6 +168,18 @@ class Transaction:
     @property
     def open_batches(self) -> int:
         return self._pending.batches
+
+    @property
+    def uncommitted(self) -> bool:
+        """Whether batches are open or their commit is still in flight (the daemon must call
+        :meth:`commit` before a rebalance, restore, reload or shutdown in either case)."""
+        return self.is_open or self._in_flight is not None
+
+    @property
+    def uncommitted_records(self) -> int:
+        """Input records added and not yet committed (open or in flight)."""
+        in_flight = self._in_flight.pending.records if self._in_flight is not None else 0
+        return self._pending.records + in_flight
 
     # -- the cadence ----------------------------------------------------------------------------
 
@@ -167,12 +199,18 @@ class Transaction:
         return None
 
     def commit_if_due(self, now: float | None = None) -> bool:
-        """Commit if the cadence says so; True if a commit was made and succeeded."""
+        """Join a commit in flight if it has finished, then commit if the cadence says so; True
+        if a commit was started (exactly-once: it may still be in flight) or made."""
+        if self._in_flight is not None and self._settle(False, block=False) is None:
+            return False
         trigger = self.due(now)
-        return trigger is not None and self.commit(trigger=trigger)
+        return trigger is not None and self.commit(trigger=trigger, wait=False)
 
     def time_left_ms(self, now: float | None = None) -> int:
-        """Milliseconds until the open transaction is due (for the poll timeout)."""
+        """Milliseconds until the open transaction is due, or until a commit in flight is worth
+        checking again (for the poll timeout)."""
+        if self._in_flight is not None:
+            return IN_FLIGHT_POLL_MS
         if not self.is_open:
             return 1 << 30
         now = time.monotonic() if now is None else now
@@ -188,6 +226,8 @@ class Transaction:
         if not len(polled):
             return
         assert self.source is not None
+        if self._in_flight is not None:  # the poll overlapped the commit: join it first
+            self._settle(False, block=True)
         if self.source.stale(polled):  # a commit failed after the poll (reload, restore)
             self.source.give_back(polled)
             return
@@ -206,7 +246,7 @@ class Transaction:
         self._caught_up = polled.caught_up
         trigger = self.due(now)
         if trigger is not None:
-            self.commit(trigger=trigger)
+            self.commit(trigger=trigger, wait=False)
         elif (
             sum(map(len, self._gathered)) >= self.max_poll_records
             # Caught up, the commit comes at caught_up_records or the interval: wait for it.
@@ -316,15 +356,27 @@ class Transaction:
 
     # -- commit / abort -------------------------------------------------------------------------
 
-    def commit(self, *, in_rebalance: bool = False, trigger: Trigger = "forced") -> bool:
+    def commit(
+        self, *, in_rebalance: bool = False, trigger: Trigger = "forced", wait: bool = True
+    ) -> bool:
         """Make the open transaction's batches durable; True if committed (or nothing open).
         ``trigger`` labels the commit in ``pipeline_commits_total``: the cadence's reason, or
         ``forced`` when the daemon commits before a rebalance, restore, reload or shutdown.
+        A commit still in flight is joined first.
+
+        Exactly-once with ``wait=False`` (the cadence's commits): the Kafka commit runs on the
+        sink's call thread and this returns True once it is started; the next :meth:`add`,
+        :meth:`commit` or :meth:`commit_if_due` joins it (decisions.md 37). Nothing is processed
+        or sent while it is in flight, so the next transaction's undo log starts after it.
 
         On failure the batches are rolled back and rewound (see the module docstring); inside
         a rebalance callback (``in_rebalance``) no backoff is taken and only partitions still
         assigned are rewound (the others restart from their committed offsets elsewhere).
         """
+        if self._in_flight is not None:
+            joined = self._settle(in_rebalance, block=True)
+            assert not self.is_open  # nothing opens while a commit is in flight
+            return bool(joined)
         if not self.is_open:
             return True
         assert self.sink is not None and self.source is not None
@@ -335,45 +387,72 @@ class Transaction:
         if self.settings.state.changelog and self._touched:
             sink.send_state(self.keeper.records(list(self._touched)))
         if isinstance(sink, ExactlyOnceSink):
+            in_flight = _InFlight(self._pending, self._starts, trigger, started)
             try:
-                sink.commit(
+                sink.start_commit(
                     {self.settings.kafka.input_topic: self._offsets}, self.source.group_metadata()
                 )
             except TransactionFailed as exc:
-                self._roll_back(exc, in_rebalance)
+                self._reset()
+                self._roll_back(exc, in_flight, in_rebalance)
                 return False
-            self.engine.store.settle()
-            metrics.TRANSACTIONS.labels("committed").inc()
-        else:
-            sink.flush()
-            if not self.source.commit(self._offsets):
-                metrics.COMMIT_FAILURES.inc()
+            self._in_flight = in_flight
+            self._reset()
+            return not wait or bool(self._settle(in_rebalance, block=True))
+        sink.flush()
+        if not self.source.commit(self._offsets):
+            metrics.COMMIT_FAILURES.inc()
         self.keeper.batch_committed()
         self.backoff.reset()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        self._report(time.time(), trigger)
+        self._report(self._pending, time.time(), trigger)
         self._reset()
         return True
 
-    def _roll_back(self, exc: TransactionFailed, in_rebalance: bool) -> None:
+    def _settle(self, in_rebalance: bool, block: bool) -> bool | None:
+        """Join the commit in flight: True if it committed, False if it failed (rolled back and
+        rewound as in :meth:`commit`), None if ``block`` is False and it is still running."""
+        in_flight = self._in_flight
+        assert in_flight is not None and isinstance(self.sink, ExactlyOnceSink)
+        try:
+            committed_at = self.sink.finish_commit(block)
+        except TransactionFailed as exc:
+            self._in_flight = None
+            self._roll_back(exc, in_flight, in_rebalance)
+            return False
+        except BaseException:
+            self._in_flight = None  # fenced (the daemon stops) or a bug: nothing to join
+            raise
+        if committed_at is None:
+            return None
+        self._in_flight = None
+        self.engine.store.settle()
+        metrics.TRANSACTIONS.labels("committed").inc()
+        self.keeper.batch_committed()
+        self.backoff.reset()
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - in_flight.started)
+        self._report(in_flight.pending, committed_at, in_flight.trigger)
+        return True
+
+    def _roll_back(self, exc: TransactionFailed, failed: _InFlight, in_rebalance: bool) -> None:
         """The transaction aborted: undo its state changes and read its batches again."""
         assert self.source is not None
         streams = self.engine.store.rollback()
         self.keeper.batch_aborted()
-        self.source.rewind_to(self._owned(self._starts, in_rebalance))
+        self.source.rewind_to(self._owned(failed.starts, in_rebalance))
         metrics.TRANSACTIONS.labels("aborted").inc()
         log.warning(
             "event=transaction_aborted error=%s action=roll_back streams=%d batches=%d",
-            exc, streams, self._pending.batches,
+            exc, streams, failed.pending.batches,
         )  # fmt: skip
-        self._reset()
         delay = self.backoff.fail()
         if not in_rebalance:  # no sleeping inside a rebalance callback
             self.backoff.wait(delay)
 
-    def _report(self, committed_at: float, trigger: Trigger) -> None:
-        """Metrics and totals of the committed batches (aborted ones are not counted)."""
-        pending, kafka = self._pending, self.settings.kafka
+    def _report(self, pending: _Pending, committed_at: float, trigger: Trigger) -> None:
+        """Metrics and totals of the committed batches (aborted ones are not counted);
+        ``committed_at`` is the wall-clock time (s) the commit returned."""
+        kafka = self.settings.kafka
         metrics.COMMITS.labels(trigger).inc()
         metrics.COMMIT_RECORDS.observe(pending.records)
         topic = kafka.input_topic

@@ -5,6 +5,7 @@ gets a fresh thread, and errors reach the caller as before."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -129,3 +130,70 @@ def test_a_hung_abort_does_not_stop_the_failure_path() -> None:
     assert len(raised) == 1 and isinstance(raised[0], TransactionFailed), raised
     assert "broker said no" in str(raised[0])
     assert wedged.closed and sink.producer is fresh and sink._calls is None
+
+
+class _SlowProducer:
+    """What start_commit/finish_commit touch of a producer: the two calls take ``delay_s``."""
+
+    def __init__(self, delay_s: float, error: Exception | None = None) -> None:
+        self.delay_s, self.error, self.calls = delay_s, error, []  # type: ignore[var-annotated]
+        self.release = threading.Event()
+
+    def send_offsets_to_transaction(self, offsets: object, group_metadata: object) -> None:
+        self.calls.append("offsets")
+
+    def commit_transaction(self) -> None:
+        self.release.wait(self.delay_s)
+        self.calls.append("commit")
+        if self.error is not None:
+            raise self.error
+
+    def forget(self) -> None:
+        self.calls.append("forget")
+
+
+def _committing_sink(
+    producer: _SlowProducer, timeout_ms: int = 60_000
+) -> tuple[ExactlyOnceSink, list[tuple[str, dict[str, Any]]]]:
+    sink, failures = _sink()
+    sink.kafka = SimpleNamespace(transaction_timeout_ms=timeout_ms)  # type: ignore[assignment]
+    sink.producer = producer  # type: ignore[assignment]
+    sink._broken, sink._commit, sink._batch, sink._batch_state = None, None, [], []
+    return sink, failures
+
+
+def test_a_started_commit_runs_on_the_thread_until_joined() -> None:
+    """start_commit returns at once; a non-blocking finish_commit says None while the commit
+    runs and the commit time once it returned; the producer is forgotten only after."""
+    producer = _SlowProducer(10.0)
+    sink, failures = _committing_sink(producer)
+    before = time.time()
+    sink.start_commit({"in": {0: 5}}, object())
+    assert sink.committing and sink.finish_commit(block=False) is None
+    assert "forget" not in producer.calls
+    producer.release.set()
+    committed_at = sink.finish_commit()
+    assert committed_at is not None and committed_at >= before
+    assert producer.calls == ["offsets", "commit", "forget"] and not sink.committing
+    assert not failures
+    assert sink._calls is not None
+    sink._calls.stop()
+
+
+def test_a_background_commit_that_fails_or_hangs_fails_when_joined() -> None:
+    producer = _SlowProducer(0.0, ClientError("broker said no"))
+    sink, failures = _committing_sink(producer)
+    sink.start_commit({"in": {0: 5}}, object())
+    with pytest.raises(_Failed, match="broker said no"):
+        sink.finish_commit()
+    assert not sink.committing and isinstance(failures[0][1]["cause"], ClientError)
+
+    hung = _SlowProducer(10.0)
+    sink, failures = _committing_sink(hung, timeout_ms=100)  # 2 x 0.1 s for both calls
+    sink.start_commit({"in": {0: 5}}, object())
+    assert sink.finish_commit(block=False) is None
+    time.sleep(0.25)
+    with pytest.raises(_Failed, match="hung"):
+        sink.finish_commit(block=False)  # past the deadline: a non-blocking join fails too
+    assert failures[0][1] == {"abort": False} and sink._calls is None
+    hung.release.set()

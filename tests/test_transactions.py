@@ -27,6 +27,7 @@ from pipeline.messages import Source, Tick, decode
 from pipeline.model import load_model
 from pipeline.sink import AtLeastOnceSink, ExactlyOnceSink
 from pipeline.source import Source as PollSource
+from tests.chaos_daemon import fail_in_background
 from tests.kafka_helpers import DaemonProcess, create_topics, produce, read_topic, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kafka_client")]
@@ -61,13 +62,18 @@ def _fail_some(
     sink: ExactlyOnceSink, method: str, pick: Callable[[ExactlyOnceSink], bool]
 ) -> list[int]:
     """Make ``sink.<method>`` fail through the real failure path when ``pick(sink)``;
-    returns a list that counts the failures."""
+    returns a list that counts the failures. A picked ``start_commit`` fails every other time
+    at once (a send of the transaction had failed) and otherwise on the call thread, while the
+    daemon polls on (tests/chaos_daemon.py)."""
     real = getattr(sink, method)
     failures: list[int] = []
 
     def flaky(*args: Any) -> None:
         if pick(sink):
             failures.append(1)
+            if method == "start_commit" and len(failures) % 2 == 0:
+                fail_in_background(sink, *args)
+                return
             sink._guard(lambda: (_ for _ in ()).throw(ClientError("injected by the test")))
         real(*args)
 
@@ -118,7 +124,7 @@ def test_aborted_and_failed_transactions_roll_back_in_memory(
     assert daemon._connect() and daemon.sink is not None
     commits = iter(range(10**6))
     begins = iter(range(10**6))
-    aborted = _fail_some(daemon.sink, "commit", lambda _: next(commits) % 2 == 0)
+    aborted = _fail_some(daemon.sink, "start_commit", lambda _: next(commits) % 2 == 0)
     failed = _fail_some(daemon.sink, "begin", lambda _: next(begins) % 3 == 1)
     try:
         _run_until(daemon, lambda: daemon.totals.forecasts == len(records), timeout_s=90)
@@ -146,7 +152,7 @@ def test_an_aborted_eviction_leaves_the_state_for_the_next_owner(bootstrap: str)
     produce(bootstrap, inp, _ticks(0, 3, 3))  # t0, t1, t2: at the cap
     _run_until(first, lambda: first.totals.forecasts == 9)
     evicts = lambda sink: any(v is None for _, _, v, _ in sink._batch_state)  # noqa: E731
-    aborted = _fail_some(first.sink, "commit", evicts)
+    aborted = _fail_some(first.sink, "start_commit", evicts)
     time.sleep(0.1)
     produce(bootstrap, inp, [(b"t3", json.dumps({"ts": T0 + 9, "value": 1.0}).encode())])
     _run_until(first, lambda: bool(aborted))  # a new stream: over the cap, t0 evicted, aborted
@@ -336,9 +342,9 @@ def test_small_polls_are_gathered_into_fewer_engine_batches(
     try:
         for start in range(0, len(records), 4):  # four records a poll
             produce(bootstrap, inp, records[start : start + 4])
-            before = daemon.totals.consumed + daemon.unit._pending.records
+            before = daemon.totals.consumed + daemon.unit.uncommitted_records
             _run_until(daemon, lambda b=before: daemon.totals.consumed  # type: ignore[misc]
-                       + daemon.unit._pending.records >= b + 4)  # fmt: skip
+                       + daemon.unit.uncommitted_records >= b + 4)  # fmt: skip
     finally:
         daemon._close()
     assert daemon.totals.commits == 2 and daemon.totals.batches == 6
@@ -360,7 +366,7 @@ def test_a_batch_polled_before_a_failed_commit_is_read_again_in_order(bootstrap:
     daemon = Daemon(s, load_model(None))
     assert daemon._connect() and daemon.sink is not None
     commits = iter(range(10**6))
-    aborted = _fail_some(daemon.sink, "commit", lambda _: next(commits) == 0)
+    aborted = _fail_some(daemon.sink, "start_commit", lambda _: next(commits) == 0)
     try:
         _run_until(daemon, lambda: daemon.unit.open_batches >= 1)  # a batch processed, open
         daemon.request_reload()  # the next step polls, then commits before reloading: fails
@@ -372,6 +378,56 @@ def test_a_batch_polled_before_a_failed_commit_is_read_again_in_order(bootstrap:
     docs = [r.json() for r in read_topic(bootstrap, s.kafka.output_topic, len(records),
                                          idle_s=1.5)]  # fmt: skip
     _check(docs, _reference(records))
+
+
+def test_a_commit_failing_in_the_background_gives_back_the_poll_made_meanwhile(
+    bootstrap: str,
+) -> None:
+    """Cadence commits run on the sink's call thread while the daemon polls the next records
+    (decisions.md 37). When such a commit fails, the poll made meanwhile must not be processed
+    on top of the rolled-back state: it is given back and read again after the aborted
+    records, and the forecasts are a clean run's. Fails if commits block the loop (no poll
+    overlaps one) or if the overlapping poll is processed."""
+    inp = unique("ticks")
+    create_topics(bootstrap, [inp], 1)
+    kafka = {"max_poll_records": 3, "commit_interval_ms": 0}  # a commit per poll
+    s = _settings(bootstrap, inp, unique("g"), kafka=kafka)
+    records = _ticks(0, 6, 3)  # 18 records, polled 3 at a time
+    produce(bootstrap, inp, records)
+    daemon = Daemon(s, load_model(None))
+    assert daemon._connect() and daemon.sink is not None and daemon.source is not None
+    sink, source = daemon.sink, daemon.source
+    assert isinstance(sink, ExactlyOnceSink)
+    starts = iter(range(10**6))
+    real_start = sink.start_commit
+
+    def start(*args: Any) -> None:
+        if next(starts) == 1:  # the second commit fails on the thread, 0.3 s in
+            fail_in_background(sink, *args, delay_s=0.3)
+        else:
+            real_start(*args)
+
+    sink.start_commit = start  # type: ignore[method-assign]
+    aborted_before = _aborted()
+    overlapped: list[bool] = []
+    real_poll, given_back = source.poll, []
+    source.poll = lambda ms: (overlapped.append(sink.committing), real_poll(ms))[1]  # type: ignore[method-assign]
+    real_give_back = source.give_back
+    source.give_back = lambda p: (given_back.append(len(p)), real_give_back(p))[1]  # type: ignore[method-assign]
+    try:
+        _run_until(daemon, lambda: daemon.totals.forecasts == len(records), timeout_s=60)
+    finally:
+        daemon._close()
+    assert any(overlapped)  # polls ran while a commit was in flight
+    assert given_back and daemon.totals.dead_letters == 0  # the overlapping poll came again
+    assert _aborted() == aborted_before + 1
+    docs = [r.json() for r in read_topic(bootstrap, s.kafka.output_topic, len(records),
+                                         idle_s=1.5)]  # fmt: skip
+    _check(docs, _reference(records))
+
+
+def _aborted() -> float:
+    return REGISTRY.get_sample_value("pipeline_transactions_total", {"outcome": "aborted"}) or 0.0
 
 
 def _commits(trigger: str) -> float:

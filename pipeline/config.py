@@ -84,6 +84,9 @@ class KafkaSettings(_Section):
     # not held back for the interval, a backlog still commits at most once per interval
     # (decisions.md 34). Set it to commit_records to turn the rule off.
     commit_records_caught_up: int = Field(default=125, ge=1)
+    # Exactly-once: a cadence commit runs on a background thread while the next records are
+    # polled and decoded (decisions.md 41); false: the loop waits for each commit.
+    commit_in_background: bool = True
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     linger_ms: int = Field(default=5, ge=0)
     # Producer batch size per partition. kafka-python's 16 KiB default splits one poll's

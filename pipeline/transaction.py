@@ -23,7 +23,7 @@ up, small polls wait for the commit, which the caught-up bound keeps small (deci
 
 Under exactly-once a cadence commit runs on the sink's call thread: the daemon polls and
 decodes the next records meanwhile, and the commit is joined before they (or anything else) go
-through the engine (decisions.md 37). A commit takes tens of milliseconds on Tansu, a fifth of
+through the engine (decisions.md 41). A commit takes tens of milliseconds on Tansu, a fifth of
 the wall time of a drain when it blocked the loop.
 
 The daemon must call :meth:`Transaction.commit` before anything changes the store outside the
@@ -364,9 +364,10 @@ class Transaction:
         ``forced`` when the daemon commits before a rebalance, restore, reload or shutdown.
         A commit still in flight is joined first.
 
-        Exactly-once with ``wait=False`` (the cadence's commits): the Kafka commit runs on the
+        Exactly-once with ``wait=False`` (the cadence's commits) and
+        ``kafka.commit_in_background`` on: the Kafka commit runs on the
         sink's call thread and this returns True once it is started; the next :meth:`add`,
-        :meth:`commit` or :meth:`commit_if_due` joins it (decisions.md 37). Nothing is processed
+        :meth:`commit` or :meth:`commit_if_due` joins it (decisions.md 41). Nothing is processed
         or sent while it is in flight, so the next transaction's undo log starts after it.
 
         On failure the batches are rolled back and rewound (see the module docstring); inside
@@ -398,7 +399,9 @@ class Transaction:
                 return False
             self._in_flight = in_flight
             self._reset()
-            return not wait or bool(self._settle(in_rebalance, block=True))
+            if not wait and self.settings.kafka.commit_in_background:
+                return True
+            return bool(self._settle(in_rebalance, block=True))
         sink.flush()
         if not self.source.commit(self._offsets):
             metrics.COMMIT_FAILURES.inc()

@@ -214,7 +214,7 @@ class _CallThread:
     """One long-lived daemon thread that runs the calls handed to it: a call bounded by a
     watchdog costs a queue round trip instead of a thread start (~10 commits a second), and a
     commit can run while the main thread polls the next records. A call that overruns its
-    limit keeps the thread busy; its owner drops it (:meth:`ExactlyOnceSink._drop_calls`) and makes
+    limit keeps the thread busy; its owner drops it (:meth:`ExactlyOnceSink._returned`) and makes
     a new one for the next call."""
 
     def __init__(self) -> None:
@@ -262,9 +262,7 @@ class ExactlyOnceSink(Sink):
         return clients.producer(self.kafka, self.transactional_id)
 
     def close(self) -> None:
-        if self._calls is not None:
-            self._calls.stop()
-            self._calls = None
+        self._drop_calls()
         super().close()
 
     def _init_transactions(self) -> None:
@@ -353,8 +351,7 @@ class ExactlyOnceSink(Sink):
     def _settle(self, call: _Call, wait_s: float | None, limit_s: float | None) -> None:
         """Wait up to ``wait_s`` for ``call`` (None: it ran inline), then raise what it raised
         the way :meth:`_fail` says."""
-        if wait_s is not None and not call.done.wait(wait_s):
-            self._drop_calls()
+        if wait_s is not None and not self._returned(call, wait_s):
             self._fail(f"transactional call hung for {limit_s or 0:.0f}s", abort=False)
         exc = call.error
         if exc is None:
@@ -363,9 +360,15 @@ class ExactlyOnceSink(Sink):
             self._fail(str(exc), cause=exc)
         raise exc
 
+    def _returned(self, call: _Call, wait_s: float) -> bool:
+        """Whether ``call`` returned within ``wait_s``. If not, the call thread it overran is
+        given up: it ends once that call returns, if ever; the next call gets a new one."""
+        if call.done.wait(wait_s):
+            return True
+        self._drop_calls()
+        return False
+
     def _drop_calls(self) -> None:
-        """Give up the call thread, which a call overran: it ends once that call returns, if
-        ever; the next call gets a new one."""
         if self._calls is not None:
             self._calls.stop()
             self._calls = None
@@ -403,8 +406,7 @@ class ExactlyOnceSink(Sink):
         aborts what it left open."""
         limit = self.kafka.transaction_timeout_ms / 1000
         abort = self._launch(self.producer.abort_transaction)
-        if not abort.done.wait(limit):
-            self._drop_calls()
+        if not self._returned(abort, limit):
             log.warning("event=abort_hung seconds=%.0f action=new_producer", limit)
         elif isinstance(abort.error, ClientError):
             log.debug("event=abort_failed error=%s", abort.error)

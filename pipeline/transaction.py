@@ -405,10 +405,7 @@ class Transaction:
         sink.flush()
         if not self.source.commit(self._offsets):
             metrics.COMMIT_FAILURES.inc()
-        self.keeper.batch_committed()
-        self.backoff.reset()
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        self._report(self._pending, time.time(), trigger)
+        self._committed(self._pending, started, time.time(), trigger)
         self._reset()
         return True
 
@@ -431,11 +428,18 @@ class Transaction:
         self._in_flight = None
         self.engine.store.settle()
         metrics.TRANSACTIONS.labels("committed").inc()
+        self._committed(in_flight.pending, in_flight.started, committed_at, in_flight.trigger)
+        return True
+
+    def _committed(
+        self, pending: _Pending, started: float, committed_at: float, trigger: Trigger
+    ) -> None:
+        """What follows any successful commit: the keeper's and the backoff's bookkeeping and
+        the metrics (``started``: perf_counter when the commit began)."""
         self.keeper.batch_committed()
         self.backoff.reset()
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - in_flight.started)
-        self._report(in_flight.pending, committed_at, in_flight.trigger)
-        return True
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        self._report(pending, committed_at, trigger)
 
     def _roll_back(self, exc: TransactionFailed, failed: _InFlight, in_rebalance: bool) -> None:
         """The transaction aborted: undo its state changes and read its batches again."""
